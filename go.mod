@@ -1,0 +1,3 @@
+module github.com/consul-esm/consul-esm
+
+go 1.26
