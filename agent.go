@@ -1,0 +1,321 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/armon/go-metrics"
+	"github.com/hashicorp/consul/api"
+	"github.com/hashicorp/go-hclog"
+	"github.com/hashicorp/go-uuid"
+)
+
+// AgentOptions carries what main (or a test) hands the agent besides the config.
+type AgentOptions struct {
+	// ConfigPaths are re-read on SIGHUP.
+	ConfigPaths []string
+	// Banner receives the startup banner; nil or log_json suppresses it.
+	Banner io.Writer
+}
+
+// Agent is one consul-esm instance: it registers itself with Consul, competes for leadership,
+// follows its own assignment and runs the checks and probes of the nodes assigned to it.
+// Every goroutine it starts is owned by Run and has returned when Run returns.
+type Agent struct {
+	logger hclog.Logger
+	opts   AgentOptions
+
+	cfgMu sync.RWMutex
+	cfg   *Config
+
+	client     *api.Client
+	consulAddr string
+	serviceID  string
+	ttlCheckID string
+
+	runner    *CheckRunner
+	prober    *NodeProber
+	status    *agentStatus
+	telemetry *telemetry
+
+	shutdownOnce sync.Once
+	shutdownCtx  context.Context
+	shutdownStop context.CancelFunc
+}
+
+// alreadyExistsError is returned by Run when another live instance holds our service ID.
+type alreadyExistsError struct{ serviceID string }
+
+func (e *alreadyExistsError) Error() string {
+	return fmt.Sprintf("ESM instance with service id '%s' is already registered with Consul", e.serviceID)
+}
+
+// shutdownBudget bounds every Consul call made while shutting down, so the process exits promptly
+// even when Consul is unreachable.
+const shutdownBudget = 4 * time.Second
+
+// NewAgent builds an agent from a validated config. It does not contact Consul.
+func NewAgent(cfg *Config, logger hclog.Logger, opts AgentOptions) (*Agent, error) {
+	if cfg.InstanceID == "" {
+		id, err := uuid.GenerateUUID()
+		if err != nil {
+			return nil, fmt.Errorf("generating instance_id: %w", err)
+		}
+		cfg.InstanceID = id
+	}
+	client, err := newConsulClient(cfg)
+	if err != nil {
+		return nil, err
+	}
+	a := &Agent{
+		logger:     logger,
+		opts:       opts,
+		cfg:        cfg,
+		client:     client,
+		consulAddr: cfg.APIConfig().Address,
+		serviceID:  cfg.Service + ":" + cfg.InstanceID,
+		status:     newAgentStatus(),
+	}
+	a.ttlCheckID = a.serviceID + ":agent-ttl"
+	tlsCfg, err := cfg.HTTPSTLSConfig()
+	if err != nil {
+		return nil, err
+	}
+	if a.telemetry, err = newTelemetry(cfg, logger); err != nil {
+		return nil, err
+	}
+	a.runner = newCheckRunner(a, tlsCfg)
+	a.prober = newNodeProber(a)
+	return a, nil
+}
+
+// newConsulClient builds the API client. The ACL token travels as a client header rather than in the
+// client config so SIGHUP can rotate it without rebuilding the client.
+func newConsulClient(cfg *Config) (*api.Client, error) {
+	conf := cfg.APIConfig()
+	token := conf.Token
+	if token == "" && conf.TokenFile != "" {
+		b, err := readTokenFile(conf.TokenFile)
+		if err != nil {
+			return nil, err
+		}
+		token = b
+	}
+	conf.Token, conf.TokenFile = "", ""
+	client, err := api.NewClient(conf)
+	if err != nil {
+		return nil, fmt.Errorf("creating Consul API client for %q: %w", conf.Address, err)
+	}
+	setClientToken(client, token)
+	return client, nil
+}
+
+func setClientToken(client *api.Client, token string) {
+	h := http.Header{}
+	if token != "" {
+		h.Set("X-Consul-Token", token)
+	}
+	client.SetHeaders(h)
+}
+
+// config returns the current configuration; SIGHUP may swap it.
+func (a *Agent) config() *Config {
+	a.cfgMu.RLock()
+	defer a.cfgMu.RUnlock()
+	return a.cfg
+}
+
+// ServiceID is this instance's service ID, <consul_service>:<instance_id>.
+func (a *Agent) ServiceID() string { return a.serviceID }
+
+func (a *Agent) kvPath() string { return a.config().KVPath }
+
+// shutdownContext is the context for cleanup calls made after Run's context ended; all of them
+// share one deadline.
+func (a *Agent) shutdownContext() context.Context {
+	a.shutdownOnce.Do(func() {
+		a.shutdownCtx, a.shutdownStop = context.WithTimeout(context.Background(), shutdownBudget)
+	})
+	return a.shutdownCtx
+}
+
+// Run connects to Consul, registers this instance and runs until ctx is cancelled, then cleans up:
+// leadership released, service deregistered. It returns an error only for fatal startup problems.
+func (a *Agent) Run(ctx context.Context) error {
+	a.logger.Info("Connecting to Consul", "address", a.consulAddr)
+	metrics.SetGauge([]string{"esm", "agent", "isLeader"}, 0)
+
+	if err := a.waitForLeader(ctx); err != nil {
+		return nil // cancelled while waiting: a clean exit
+	}
+	if err := a.verifyConsulCompatibility(ctx); err != nil {
+		if ctx.Err() != nil {
+			return nil
+		}
+		return err
+	}
+	a.printBanner()
+
+	if err := a.register(ctx); err != nil {
+		if ctx.Err() != nil {
+			return nil
+		}
+		return err
+	}
+	a.status.setRegistered(true)
+
+	var wg sync.WaitGroup
+	start := func(name string, f func(context.Context)) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			f(ctx)
+			a.logger.Trace("loop stopped", "loop", name)
+		}()
+	}
+	start("http", a.runHTTP)
+	start("ttl", a.keepRegistered)
+	start("leader", a.leaderLoop)
+	start("assignment", a.watchAssignment)
+	start("checks", a.runner.Run)
+	start("probes", a.prober.Run)
+
+	<-ctx.Done()
+	wg.Wait()
+	a.deregister()
+	if a.shutdownStop != nil {
+		a.shutdownStop()
+	}
+	return nil
+}
+
+// waitForLeader blocks until the cluster has a leader, retrying with backoff.
+func (a *Agent) waitForLeader(ctx context.Context) error {
+	b := newBackoff(500*time.Millisecond, a.config().RetryInterval)
+	for {
+		leader, err := a.client.Status().LeaderWithQueryOptions((&api.QueryOptions{}).WithContext(ctx))
+		switch {
+		case ctx.Err() != nil:
+			return ctx.Err()
+		case err != nil:
+			a.logger.Error("error getting leader status, will retry", "time", b.next(), "error", err)
+		case leader == "":
+			a.logger.Info("waiting for cluster to elect a leader before starting, will retry", "time", b.next())
+		default:
+			a.status.contact()
+			return nil
+		}
+		if !sleepCtx(ctx, b.current()) {
+			return ctx.Err()
+		}
+	}
+}
+
+func (a *Agent) printBanner() {
+	cfg := a.config()
+	if a.opts.Banner == nil || cfg.LogJSON {
+		return
+	}
+	dc := "(default)"
+	if cfg.Datacenter != "" {
+		dc = fmt.Sprintf("%q", cfg.Datacenter)
+	}
+	fmt.Fprintf(a.opts.Banner, `Consul ESM running!
+            Datacenter: %s
+             Partition: %q
+               Service: %q
+           Service Tag: %q
+            Service ID: %q
+Node Reconnect Timeout: %q
+   Disable coordinates: %v
+        Statsd address: %q
+         Metrix prefix: %q
+
+Log data will now stream in as it occurs:
+
+`, dc, cfg.Partition, cfg.Service, cfg.Tag, a.serviceID, cfg.NodeReconnectTimeout.String(),
+		cfg.DisableCoordinateUpdates, cfg.Telemetry.StatsdAddr, cfg.Telemetry.MetricsPrefix)
+}
+
+// Reload re-reads the config files (SIGHUP) and applies what can change at runtime.
+func (a *Agent) Reload() {
+	a.reloadConfig()
+}
+
+// errStopped reports that a loop ended because its context was cancelled.
+var errStopped = errors.New("stopped")
+
+// sleepCtx waits for d or until ctx ends; it reports whether the full wait elapsed.
+func sleepCtx(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-t.C:
+		return true
+	}
+}
+
+// backoff doubles a wait from min to max; reset() after a success.
+type backoff struct {
+	min, max, cur time.Duration
+}
+
+func newBackoff(min, max time.Duration) *backoff {
+	if max < min {
+		max = min
+	}
+	return &backoff{min: min, max: max}
+}
+
+// next advances and returns the wait to use now.
+func (b *backoff) next() time.Duration {
+	switch {
+	case b.cur == 0:
+		b.cur = b.min
+	case b.cur < b.max:
+		b.cur *= 2
+		if b.cur > b.max {
+			b.cur = b.max
+		}
+	}
+	return b.cur
+}
+
+func (b *backoff) current() time.Duration {
+	if b.cur == 0 {
+		return b.next()
+	}
+	return b.cur
+}
+
+func (b *backoff) reset() { b.cur = 0 }
+
+// agentStatus is what /health reports; every field is safe for concurrent use.
+type agentStatus struct {
+	registered  atomic.Bool
+	leader      atomic.Bool
+	lastContact atomic.Int64 // unix nanos of the last successful Consul call
+	consulErr   atomic.Pointer[string]
+}
+
+func newAgentStatus() *agentStatus { return &agentStatus{} }
+
+func (s *agentStatus) setRegistered(v bool) { s.registered.Store(v) }
+
+func (s *agentStatus) contact() {
+	s.lastContact.Store(time.Now().UnixNano())
+	s.consulErr.Store(nil)
+}
+
+func (s *agentStatus) failed(err error) {
+	msg := err.Error()
+	s.consulErr.Store(&msg)
+}

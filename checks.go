@@ -1,0 +1,544 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptrace"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"golang.org/x/net/http2"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/credentials/insecure"
+	hv1 "google.golang.org/grpc/health/grpc_health_v1"
+)
+
+// Consul's health status strings, as the catalog stores them.
+const (
+	statusPassing  = "passing"
+	statusWarning  = "warning"
+	statusCritical = "critical"
+)
+
+const (
+	// defaultCheckTimeout is what Consul uses when a definition has no Timeout.
+	defaultCheckTimeout = 10 * time.Second
+
+	// defaultOutputMaxSize is Consul's default check_output_max_size. A check's own OutputMaxSize
+	// may only lower it, as on a Consul agent, so one chatty endpoint cannot bloat the catalog.
+	defaultOutputMaxSize = 4096
+
+	// httpBodyReadCap bounds how much of a response body is read. Consul reads to EOF; the status
+	// code already decided the result, so past this point reading only keeps a runaway or streaming
+	// endpoint (or a decompression bomb) occupying the check until its timeout.
+	httpBodyReadCap = 1 << 20
+
+	// checkUserAgent and checkAccept are the headers Consul's HTTP check sends when the definition
+	// has none; some endpoints vary their answer on them.
+	checkUserAgent = "Consul Health Check"
+	checkAccept    = "text/plain, text/*, */*"
+)
+
+// durationField is a duration in a check definition. Consul writes Interval/Timeout/
+// DeregisterCriticalServiceAfter as strings ("10s") but TTL as integer nanoseconds, and accepts
+// either when reading, so both forms are decoded; it is always written back as a string.
+type durationField time.Duration
+
+func (d durationField) String() string { return time.Duration(d).String() }
+
+// MarshalJSON writes the duration in Go's string form, which Consul parses back.
+func (d durationField) MarshalJSON() ([]byte, error) {
+	return json.Marshal(time.Duration(d).String())
+}
+
+// UnmarshalJSON accepts a duration string ("10s", "" meaning zero), a number of nanoseconds or null.
+func (d *durationField) UnmarshalJSON(b []byte) error {
+	b = bytes.TrimSpace(b)
+	if bytes.Equal(b, []byte("null")) {
+		return nil
+	}
+	if len(b) > 0 && b[0] == '"' {
+		var s string
+		if err := json.Unmarshal(b, &s); err != nil {
+			return fmt.Errorf("duration: %w", err)
+		}
+		if s == "" {
+			*d = 0
+			return nil
+		}
+		v, err := time.ParseDuration(s)
+		if err != nil {
+			return fmt.Errorf("duration: %w", err)
+		}
+		*d = durationField(v)
+		return nil
+	}
+	if n, err := strconv.ParseInt(string(b), 10, 64); err == nil {
+		*d = durationField(n)
+		return nil
+	}
+	// Consul itself decodes numbers as float64, so "1e9" style values are legal on the wire.
+	f, err := strconv.ParseFloat(string(b), 64)
+	if err != nil {
+		return fmt.Errorf("duration: invalid value %s", b)
+	}
+	*d = durationField(f)
+	return nil
+}
+
+// checkDefinition mirrors the Definition object of a catalog health check as Consul's HTTP API
+// returns it in /v1/health/state/any (Consul's structs.HealthCheckDefinition). Field names are
+// Consul's so the struct round-trips through JSON and can be written back unchanged.
+type checkDefinition struct {
+	HTTP             string              `json:",omitempty"`
+	Header           map[string][]string `json:",omitempty"`
+	Method           string              `json:",omitempty"`
+	Body             string              `json:",omitempty"`
+	TLSServerName    string              `json:",omitempty"`
+	TLSSkipVerify    bool                `json:",omitempty"`
+	DisableRedirects bool                `json:",omitempty"`
+
+	TCP       string `json:",omitempty"`
+	TCPUseTLS bool   `json:",omitempty"`
+
+	UDP string `json:",omitempty"`
+
+	H2PING       string `json:",omitempty"`
+	H2PingUseTLS bool   `json:",omitempty"`
+
+	OSService string `json:",omitempty"`
+
+	GRPC       string `json:",omitempty"`
+	GRPCUseTLS bool   `json:",omitempty"`
+
+	Interval                       durationField `json:",omitempty"`
+	Timeout                        durationField `json:",omitempty"`
+	DeregisterCriticalServiceAfter durationField `json:",omitempty"`
+	OutputMaxSize                  int           `json:",omitempty"`
+
+	ScriptArgs        []string      `json:",omitempty"`
+	DockerContainerID string        `json:",omitempty"`
+	Shell             string        `json:",omitempty"`
+	AliasNode         string        `json:",omitempty"`
+	AliasService      string        `json:",omitempty"`
+	SessionName       string        `json:",omitempty"`
+	TTL               durationField `json:",omitempty"`
+}
+
+// kind returns the probe type for a definition ESM can run, or "" and the reason it cannot.
+// Runnable types win over the rest in Consul's own order, so a definition carrying stray fields
+// of an unsupported type still runs.
+func (d *checkDefinition) kind() (kind string, unsupported string) {
+	switch {
+	case d.HTTP != "":
+		return "http", ""
+	case d.TCP != "":
+		return "tcp", ""
+	case d.UDP != "":
+		return "udp", ""
+	case d.GRPC != "":
+		return "grpc", ""
+	case d.H2PING != "":
+		return "h2ping", ""
+	case d.TTL != 0:
+		return "", "TTL checks are updated by the service itself, not run by ESM"
+	case d.AliasNode != "" || d.AliasService != "":
+		return "", "alias checks are not supported by ESM"
+	case d.DockerContainerID != "":
+		return "", "docker checks are not supported by ESM"
+	case len(d.ScriptArgs) > 0:
+		return "", "script checks are not supported by ESM"
+	case d.OSService != "":
+		return "", "OS service checks are not supported by ESM"
+	case d.SessionName != "":
+		return "", "session checks are not supported by ESM"
+	default:
+		return "", "definition has no HTTP, TCP, UDP, GRPC or H2PING target"
+	}
+}
+
+// probeFunc runs one check once and returns Consul's status string and the check output.
+type probeFunc func(ctx context.Context) (status, output string)
+
+// tlsKey identifies the per-check TLS overrides; HTTP transports are shared per key because a
+// transport's TLS config is fixed once it has dialled.
+type tlsKey struct {
+	skipVerify bool
+	serverName string
+}
+
+// prober builds probes and owns what they share: the TLS base from the https_* settings and one
+// HTTP transport per TLS variant, so HTTP checks reuse kept-alive connections instead of paying a
+// TCP (and TLS) handshake on every run as Consul's checks do.
+//
+// gRPC connections are deliberately not cached: a cached ClientConn backs off between reconnects
+// (up to two minutes), which would delay noticing a recovered target, and probes have no release
+// hook through which a removed check could give its connection back.
+type prober struct {
+	mu         sync.Mutex
+	tlsBase    *tls.Config
+	transports map[tlsKey]*http.Transport
+}
+
+func newProber(tlsBase *tls.Config) *prober {
+	p := &prober{transports: make(map[tlsKey]*http.Transport)}
+	if tlsBase != nil {
+		p.tlsBase = tlsBase.Clone()
+	}
+	return p
+}
+
+// setTLS replaces the TLS base (SIGHUP reload). Existing probes pick it up on their next run
+// because they look up transports and TLS configs per run; old transports' idle connections are
+// closed so no check keeps talking with the previous certificates.
+func (p *prober) setTLS(tlsBase *tls.Config) {
+	if tlsBase != nil {
+		tlsBase = tlsBase.Clone()
+	}
+	p.mu.Lock()
+	p.tlsBase = tlsBase
+	old := p.transports
+	p.transports = make(map[tlsKey]*http.Transport)
+	p.mu.Unlock()
+	for _, t := range old {
+		t.CloseIdleConnections()
+	}
+}
+
+// close drops idle HTTP connections. Probes still work afterwards; they simply dial again.
+func (p *prober) close() {
+	p.mu.Lock()
+	ts := make([]*http.Transport, 0, len(p.transports))
+	for _, t := range p.transports {
+		ts = append(ts, t)
+	}
+	p.mu.Unlock()
+	for _, t := range ts {
+		t.CloseIdleConnections()
+	}
+}
+
+// tlsConfig returns a fresh config for one check: a clone of the base (mTLS material, CAs) with
+// the check's own verification overrides, as Consul's OutgoingTLSConfigForCheck does.
+func (p *prober) tlsConfig(k tlsKey) *tls.Config {
+	p.mu.Lock()
+	base := p.tlsBase
+	p.mu.Unlock()
+	cfg := &tls.Config{}
+	if base != nil {
+		cfg = base.Clone()
+	}
+	cfg.InsecureSkipVerify = k.skipVerify
+	if k.serverName != "" {
+		cfg.ServerName = k.serverName
+	}
+	return cfg
+}
+
+func (p *prober) transport(k tlsKey) *http.Transport {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if t, ok := p.transports[k]; ok {
+		return t
+	}
+	base := &tls.Config{}
+	if p.tlsBase != nil {
+		base = p.tlsBase.Clone()
+	}
+	base.InsecureSkipVerify = k.skipVerify
+	if k.serverName != "" {
+		base.ServerName = k.serverName
+	}
+	t := &http.Transport{
+		// Consul's checks honour HTTP(S)_PROXY, so a drop-in replacement must too.
+		Proxy:                 http.ProxyFromEnvironment,
+		DialContext:           (&net.Dialer{Timeout: 30 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+		TLSClientConfig:       base,
+		ForceAttemptHTTP2:     true,
+		MaxIdleConns:          1024,
+		MaxIdleConnsPerHost:   32,
+		IdleConnTimeout:       90 * time.Second,
+		TLSHandshakeTimeout:   10 * time.Second,
+		ExpectContinueTimeout: time.Second,
+	}
+	p.transports[k] = t
+	return t
+}
+
+// newProbe builds the probe for d. timeout bounds one run; when it is not positive the
+// definition's Timeout applies, and then Consul's 10s default.
+func (p *prober) newProbe(d *checkDefinition, timeout time.Duration) (probeFunc, error) {
+	if timeout <= 0 {
+		timeout = time.Duration(d.Timeout)
+	}
+	if timeout <= 0 {
+		timeout = defaultCheckTimeout
+	}
+	kind, why := d.kind()
+	switch kind {
+	case "http":
+		return p.httpProbe(d, timeout), nil
+	case "tcp":
+		return p.tcpProbe(d.TCP, d.TCPUseTLS, tlsKey{d.TLSSkipVerify, d.TLSServerName}, timeout), nil
+	case "udp":
+		return udpProbe(d.UDP, timeout), nil
+	case "grpc":
+		return p.grpcProbe(d.GRPC, d.GRPCUseTLS, tlsKey{d.TLSSkipVerify, d.TLSServerName}, timeout), nil
+	case "h2ping":
+		return p.h2pingProbe(d.H2PING, d.H2PingUseTLS, tlsKey{d.TLSSkipVerify, d.TLSServerName}, timeout), nil
+	}
+	return nil, fmt.Errorf("cannot run check: %s", why)
+}
+
+// outputLimit applies Consul's rule: the check's OutputMaxSize can only lower the default.
+func outputLimit(n int) int {
+	if n > 0 && n < defaultOutputMaxSize {
+		return n
+	}
+	return defaultOutputMaxSize
+}
+
+func (p *prober) httpProbe(d *checkDefinition, timeout time.Duration) probeFunc {
+	method := d.Method
+	if method == "" {
+		method = http.MethodGet
+	}
+	// Canonicalise once so a lower-case "host" still sets req.Host and defaults are not doubled.
+	header := make(http.Header, len(d.Header)+2)
+	for k, vs := range d.Header {
+		for _, v := range vs {
+			header.Add(k, v)
+		}
+	}
+	if header.Get("User-Agent") == "" {
+		header.Set("User-Agent", checkUserAgent)
+	}
+	if header.Get("Accept") == "" {
+		header.Set("Accept", checkAccept)
+	}
+	target, body := d.HTTP, d.Body
+	maxOut := outputLimit(d.OutputMaxSize)
+	key := tlsKey{d.TLSSkipVerify, d.TLSServerName}
+	var redirect func(*http.Request, []*http.Request) error
+	if d.DisableRedirects {
+		redirect = func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }
+	}
+
+	return func(ctx context.Context) (string, string) {
+		deadline := time.Now().Add(timeout)
+		resp, err := p.doHTTP(ctx, deadline, redirect, key, method, target, header, body)
+		if err != nil {
+			return statusCritical, err.Error()
+		}
+		out := readTail(resp.Body, maxOut)
+		result := fmt.Sprintf("HTTP %s %s: %s Output: %s", method, target, resp.Status, out)
+		switch {
+		case resp.StatusCode >= 200 && resp.StatusCode <= 299:
+			return statusPassing, result
+		case resp.StatusCode == http.StatusTooManyRequests:
+			return statusWarning, result
+		default:
+			return statusCritical, result
+		}
+	}
+}
+
+// doHTTP sends the request, retrying once when it failed on a reused keep-alive connection: the
+// server may have closed that idle connection just as it was picked, which says nothing about the
+// target's health (this race is why Consul disables keep-alives altogether).
+func (p *prober) doHTTP(ctx context.Context, deadline time.Time, redirect func(*http.Request, []*http.Request) error,
+	key tlsKey, method, target string, header http.Header, body string) (*http.Response, error) {
+	for attempt := 0; ; attempt++ {
+		var reused bool
+		trace := &httptrace.ClientTrace{GotConn: func(i httptrace.GotConnInfo) { reused = i.Reused }}
+		req, err := http.NewRequestWithContext(httptrace.WithClientTrace(ctx, trace), method, target, strings.NewReader(body))
+		if err != nil {
+			return nil, err
+		}
+		req.Header = header.Clone()
+		if host := req.Header.Get("Host"); host != "" {
+			req.Host = host
+		}
+		// Client.Timeout rather than a context deadline keeps Consul's error text
+		// ("... (Client.Timeout exceeded while awaiting headers)").
+		client := &http.Client{Transport: p.transport(key), CheckRedirect: redirect, Timeout: time.Until(deadline)}
+		if client.Timeout <= 0 {
+			client.Timeout = time.Nanosecond
+		}
+		resp, err := client.Do(req)
+		if err == nil {
+			return resp, nil
+		}
+		if attempt > 0 || !reused || ctx.Err() != nil || time.Until(deadline) <= 0 {
+			return nil, err
+		}
+	}
+}
+
+// readTail reads a response body and returns its last max bytes, as Consul's ring buffer keeps
+// them, holding no more than max bytes in memory. It stops after httpBodyReadCap bytes; closing
+// the body then discards the connection instead of draining an endless stream.
+func readTail(body io.ReadCloser, max int) string {
+	defer body.Close()
+	t := &tailBuffer{max: max}
+	// A read error (timeout, reset) mid-body still leaves a useful status line; Consul
+	// likewise reports what it got.
+	_, _ = io.Copy(t, io.LimitReader(body, httpBodyReadCap))
+	return string(t.buf)
+}
+
+// tailBuffer is an io.Writer keeping only the last max bytes written.
+type tailBuffer struct {
+	buf []byte
+	max int
+}
+
+func (t *tailBuffer) Write(p []byte) (int, error) {
+	n := len(p)
+	if n >= t.max {
+		t.buf = append(t.buf[:0], p[n-t.max:]...)
+		return n, nil
+	}
+	if over := len(t.buf) + n - t.max; over > 0 {
+		t.buf = t.buf[:copy(t.buf, t.buf[over:])]
+	}
+	t.buf = append(t.buf, p...)
+	return n, nil
+}
+
+func (p *prober) tcpProbe(addr string, useTLS bool, key tlsKey, timeout time.Duration) probeFunc {
+	return func(ctx context.Context) (string, string) {
+		ctx, cancel := context.WithTimeout(ctx, timeout)
+		defer cancel()
+		dialer := &net.Dialer{Timeout: timeout}
+		kind := "TCP"
+		var conn net.Conn
+		var err error
+		if useTLS {
+			kind = "TCP+TLS"
+			conn, err = (&tls.Dialer{NetDialer: dialer, Config: p.tlsConfig(key)}).DialContext(ctx, "tcp", addr)
+		} else {
+			conn, err = dialer.DialContext(ctx, "tcp", addr)
+		}
+		if err != nil {
+			return statusCritical, err.Error()
+		}
+		_ = conn.Close()
+		return statusPassing, fmt.Sprintf("%s connect %s: Success", kind, addr)
+	}
+}
+
+// udpProbe follows Consul's CheckUDP: send an empty datagram (Consul never sets a payload) and
+// wait for any reply. Silence is passing because UDP services need not answer; only an error,
+// such as the ICMP port-unreachable that surfaces as "connection refused", is critical. Unlike
+// Consul, the read is bounded by the timeout instead of blocking forever.
+func udpProbe(addr string, timeout time.Duration) probeFunc {
+	success := fmt.Sprintf("UDP connect %s: Success", addr)
+	return func(ctx context.Context) (string, string) {
+		ctx, cancel := context.WithTimeout(ctx, timeout)
+		defer cancel()
+		conn, err := (&net.Dialer{Timeout: timeout}).DialContext(ctx, "udp", addr)
+		if err != nil {
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				return statusPassing, success
+			}
+			return statusCritical, err.Error()
+		}
+		defer conn.Close()
+		if dl, ok := ctx.Deadline(); ok {
+			_ = conn.SetDeadline(dl)
+		}
+		// Expire the socket if the caller gives up first, so the read below returns.
+		stop := context.AfterFunc(ctx, func() { _ = conn.SetDeadline(time.Now()) })
+		defer stop()
+		if _, err := conn.Write(nil); err != nil {
+			return statusCritical, err.Error()
+		}
+		if _, err := conn.Read(make([]byte, 1)); err != nil {
+			if strings.Contains(err.Error(), "i/o timeout") {
+				return statusPassing, success
+			}
+			return statusCritical, err.Error()
+		}
+		return statusPassing, success
+	}
+}
+
+// grpcProbe queries grpc.health.v1 on "host:port[/service]" with one connection per run, as Consul does.
+func (p *prober) grpcProbe(target string, useTLS bool, key tlsKey, timeout time.Duration) probeFunc {
+	server, service, _ := strings.Cut(target, "/")
+	return func(ctx context.Context) (string, string) {
+		ctx, cancel := context.WithTimeout(ctx, timeout)
+		defer cancel()
+		creds := insecure.NewCredentials()
+		if useTLS {
+			creds = credentials.NewTLS(p.tlsConfig(key))
+		}
+		// passthrough is the scheme Consul's grpc.Dial used; NewClient would default to dns.
+		conn, err := grpc.NewClient("passthrough:///"+server, grpc.WithTransportCredentials(creds))
+		if err != nil {
+			return statusCritical, err.Error()
+		}
+		defer conn.Close()
+		resp, err := hv1.NewHealthClient(conn).Check(ctx, &hv1.HealthCheckRequest{Service: service})
+		if err != nil {
+			return statusCritical, err.Error()
+		}
+		if resp.GetStatus() != hv1.HealthCheckResponse_SERVING {
+			return statusCritical, fmt.Sprintf("gRPC %s serving status: %s", target, resp.GetStatus())
+		}
+		return statusPassing, fmt.Sprintf("gRPC check %s: success", target)
+	}
+}
+
+// h2pingProbe sends an HTTP/2 PING over a fresh connection: h2c with prior knowledge, or TLS
+// with ALPN "h2" when useTLS.
+func (p *prober) h2pingProbe(addr string, useTLS bool, key tlsKey, timeout time.Duration) probeFunc {
+	return func(ctx context.Context) (string, string) {
+		ctx, cancel := context.WithTimeout(ctx, timeout)
+		defer cancel()
+		t := &http2.Transport{}
+		var conn net.Conn
+		var err error
+		if useTLS {
+			cfg := p.tlsConfig(key)
+			cfg.NextProtos = []string{http2.NextProtoTLS}
+			t.TLSClientConfig = cfg
+			conn, err = (&tls.Dialer{Config: cfg}).DialContext(ctx, "tcp", addr)
+		} else {
+			t.AllowHTTP = true
+			conn, err = (&net.Dialer{}).DialContext(ctx, "tcp", addr)
+		}
+		if err != nil {
+			return statusCritical, fmt.Sprintf("Failed to dial to %s: %s", addr, err)
+		}
+		defer conn.Close()
+		// A read deadline stops the client's frame reader should the peer never answer.
+		if dl, ok := ctx.Deadline(); ok {
+			_ = conn.SetDeadline(dl)
+		}
+		// http2.Transport.NewClientConn is deprecated in favour of net/http's, but only x/net's
+		// ClientConn can send a PING frame.
+		cc, err := t.NewClientConn(conn) //nolint:staticcheck // see above
+		if err != nil {
+			return statusCritical, fmt.Sprintf("Failed to create client connection %s", err)
+		}
+		// A GOAWAY first spares the target a "connection reset" in its logs; ctx bounds the wait.
+		defer func() { _ = cc.Shutdown(ctx) }()
+		if err := cc.Ping(ctx); err != nil {
+			return statusCritical, fmt.Sprintf("HTTP2 ping failed: %s", err)
+		}
+		return statusPassing, "HTTP2 ping was successful"
+	}
+}

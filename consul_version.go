@@ -1,0 +1,90 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+
+	"github.com/hashicorp/consul/api"
+	version "github.com/hashicorp/go-version"
+)
+
+// minConsulVersion is the oldest Consul the check writes (txn CAS on checks) work with.
+const minConsulVersion = ">= 1.4.1"
+
+const incompatibleTemplate = `Consul ESM version %s is incompatible with the running versions of the local Consul agent or Consul servers (%s), please refer to the documentation to safely upgrade Consul or change to a version of ESM that is compatible.
+
+https://www.consul.io/docs/upgrading.html`
+
+// verifyConsulCompatibility checks the local agent's and every server's version against
+// minConsulVersion once at startup. Rate limiting (429) on the server lookup is retried.
+func (a *Agent) verifyConsulCompatibility(ctx context.Context) error {
+	self, err := a.client.Agent().Self()
+	if err != nil {
+		return fmt.Errorf("unable to check version compatibility with Consul agent: %w", err)
+	}
+	agentVer, ok := self["Config"]["Version"].(string)
+	if !ok || agentVer == "" {
+		return errors.New("unable to check version compatibility with Consul agent")
+	}
+	versions := []string{agentVer}
+
+	b := newBackoff(a.config().RetryInterval/4, a.config().RetryInterval)
+	var servers []*api.CatalogService
+	for {
+		servers, _, err = a.client.Catalog().Service("consul", "", (&api.QueryOptions{}).WithContext(ctx))
+		if err == nil {
+			break
+		}
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		if !strings.Contains(err.Error(), "429") {
+			return fmt.Errorf("unable to check version compatibility with Consul servers: %w", err)
+		}
+		a.logger.Warn("Failed to query for Consul server versions (will retry)", "error", err)
+		if !sleepCtx(ctx, b.next()) {
+			return ctx.Err()
+		}
+	}
+	found := false
+	for _, s := range servers {
+		if v := s.ServiceMeta["version"]; v != "" {
+			versions = append(versions, v)
+			found = true
+		}
+	}
+	if !found {
+		a.logger.Warn("unable to determine Consul server version, check for compatibility; requires " + minConsulVersion)
+	}
+	if err := checkConsulVersions(versions); err != nil {
+		a.logger.Error("Incompatible Consul versions")
+		return err
+	}
+	a.logger.Debug("Consul agent and all servers are running compatible versions with ESM")
+	return nil
+}
+
+// checkConsulVersions returns an error naming every version when any is older than the floor or
+// cannot be parsed. Prerelease suffixes are dropped; "+ent" build metadata is accepted.
+func checkConsulVersions(versions []string) error {
+	if len(versions) == 0 {
+		return errors.New("no Consul versions")
+	}
+	constraint := version.MustConstraints(version.NewConstraint(minConsulVersion))
+	for _, raw := range versions {
+		s := raw
+		if i := strings.IndexByte(s, '-'); i >= 0 {
+			s = s[:i]
+		}
+		v, err := version.NewVersion(s)
+		if err != nil {
+			return fmt.Errorf("unable to parse Consul version %q: %w", raw, err)
+		}
+		if !constraint.Check(v) {
+			return fmt.Errorf(incompatibleTemplate, Version, strings.Join(versions, ", "))
+		}
+	}
+	return nil
+}

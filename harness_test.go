@@ -1,0 +1,161 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"io"
+	"os"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+	"github.com/hashicorp/consul/sdk/testutil"
+	"github.com/hashicorp/go-hclog"
+)
+
+// testConsul is a real Consul dev server (the `consul` binary on PATH, built by `make consul`) with
+// short session TTLs so leadership tests take seconds.
+type testConsul struct {
+	*testutil.TestServer
+	Client *api.Client
+}
+
+func newTestConsul(t testing.TB, mutate ...func(*testutil.TestServerConfig)) *testConsul {
+	t.Helper()
+	srv, err := testutil.NewTestServerConfigT(t, func(c *testutil.TestServerConfig) {
+		c.LogLevel = "error"
+		c.Stdout, c.Stderr = io.Discard, io.Discard
+		if testing.Verbose() && os.Getenv("CONSUL_TEST_LOGS") != "" {
+			c.Stdout, c.Stderr = os.Stderr, os.Stderr
+		}
+		c.Args = append(c.Args, "-hcl", `session_ttl_min = "1s"`)
+		for _, m := range mutate {
+			m(c)
+		}
+	})
+	if err != nil {
+		t.Fatalf("starting consul test server (is `consul` on PATH? run `make consul`): %v", err)
+	}
+	t.Cleanup(func() { _ = srv.Stop() })
+	client, err := api.NewClient(&api.Config{Address: srv.HTTPAddr})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &testConsul{TestServer: srv, Client: client}
+}
+
+// testConfig is a config pointed at srv with every internal timing shortened for tests.
+func testConfig(srv *testConsul) *Config {
+	cfg := DefaultConfig()
+	cfg.HTTPAddr = srv.HTTPAddr
+	cfg.LogLevel = "DEBUG"
+	cfg.AgentTTL = 3 * time.Second
+	cfg.TTLRefreshInterval = 300 * time.Millisecond
+	cfg.RetryInterval = 400 * time.Millisecond
+	cfg.SessionTTL = 2 * time.Second
+	cfg.LockDelay = 500 * time.Millisecond
+	cfg.QueryWaitTime = 5 * time.Second
+	cfg.KeeperInterval = 300 * time.Millisecond
+	cfg.ReapInterval = 200 * time.Millisecond
+	cfg.PingTimeout = 500 * time.Millisecond
+	cfg.NodeProbeInterval = time.Second
+	cfg.CheckUpdateInterval = 0
+	return cfg
+}
+
+// runningAgent is an Agent whose Run is executing in the background.
+type runningAgent struct {
+	*Agent
+	cancel context.CancelFunc
+	done   chan error
+	logs   *logBuffer
+}
+
+// startAgent runs an agent until the test ends (or stop is called) and waits for its Run to return.
+func startAgent(t testing.TB, cfg *Config) *runningAgent {
+	t.Helper()
+	logs := &logBuffer{}
+	var out io.Writer = logs
+	if testing.Verbose() {
+		out = io.MultiWriter(logs, os.Stderr)
+	}
+	logger := hclog.New(&hclog.LoggerOptions{Name: "consul-esm", Level: hclog.Debug, Output: out})
+	a, err := NewAgent(cfg, logger, AgentOptions{})
+	if err != nil {
+		t.Fatalf("NewAgent: %v", err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	ra := &runningAgent{Agent: a, cancel: cancel, done: make(chan error, 1), logs: logs}
+	go func() { ra.done <- a.Run(ctx) }()
+	t.Cleanup(func() { ra.stop(t) })
+	return ra
+}
+
+// stop cancels the agent and waits (bounded) for Run to return; idempotent.
+func (ra *runningAgent) stop(t testing.TB) error {
+	t.Helper()
+	ra.cancel()
+	select {
+	case err, ok := <-ra.done:
+		if ok {
+			close(ra.done)
+		}
+		return err
+	case <-time.After(10 * time.Second):
+		t.Fatalf("agent %s did not stop within 10s", ra.serviceID)
+	}
+	return nil
+}
+
+// logBuffer collects log output for assertions; safe for concurrent writers.
+type logBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (l *logBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *logBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+// waitFor polls cond until it returns nil or the deadline passes, then fails with the last error.
+func waitFor(t testing.TB, timeout time.Duration, cond func() error) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	var err error
+	for {
+		if err = cond(); err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("condition not met within %s: %v", timeout, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+var errNotYet = errors.New("not yet")
+
+func TestHarnessConsulSmoke(t *testing.T) {
+	srv := newTestConsul(t)
+	client, err := newConsulClient(testConfig(srv))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := client.KV().Put(&api.KVPair{Key: "smoke", Value: []byte("ok")}, nil); err != nil {
+		t.Fatalf("KV put through our client: %v", err)
+	}
+	pair, _, err := client.KV().Get("smoke", nil)
+	if err != nil || pair == nil || string(pair.Value) != "ok" {
+		t.Fatalf("KV get = %+v, %v", pair, err)
+	}
+}

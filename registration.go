@@ -1,0 +1,156 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+)
+
+// Names and texts of the self-registration are the original's, so dashboards and ACLs keep working.
+const (
+	ttlCheckName  = "Consul External Service Monitor Alive"
+	ttlCheckNotes = "This check is periodically updated as long as the agent is alive."
+)
+
+func readTokenFile(path string) (string, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return "", fmt.Errorf("reading token file %q: %w", path, err)
+	}
+	return strings.TrimSpace(string(b)), nil
+}
+
+func (a *Agent) writeOptions(ctx context.Context) *api.WriteOptions {
+	wo := &api.WriteOptions{}
+	if p := a.partition(); p != "" {
+		wo.Partition = p
+	}
+	return wo.WithContext(ctx)
+}
+
+func (a *Agent) queryOptions(ctx context.Context) *api.QueryOptions {
+	q := &api.QueryOptions{}
+	if p := a.partition(); p != "" {
+		q.Partition = p
+	}
+	return q.WithContext(ctx)
+}
+
+// partition is the configured admin partition, or "" for the default one (which requests omit).
+func (a *Agent) partition() string {
+	p := a.config().Partition
+	if strings.EqualFold(p, "default") {
+		return ""
+	}
+	return p
+}
+
+// register refuses to start while another live instance owns our service ID, and takes the ID over
+// when its earlier registration is dead (TTL check critical or missing).
+func (a *Agent) register(ctx context.Context) error {
+	svc, _, err := a.client.Agent().Service(a.serviceID, a.queryOptions(ctx))
+	if err == nil && svc != nil {
+		alive, err := a.ttlCheckPassing(ctx)
+		if err != nil {
+			return fmt.Errorf("checking existing registration of %q: %w", a.serviceID, err)
+		}
+		if alive {
+			return &alreadyExistsError{serviceID: a.serviceID}
+		}
+		a.logger.Warn("Taking over registration of a dead instance with the same service id", "service_id", a.serviceID)
+	}
+	if err := a.registerService(ctx); err != nil {
+		return err
+	}
+	a.logger.Debug("Registered ESM service with Consul")
+	return nil
+}
+
+func (a *Agent) ttlCheckPassing(ctx context.Context) (bool, error) {
+	checks, err := a.client.Agent().ChecksWithFilterOpts(fmt.Sprintf("CheckID == %q", a.ttlCheckID), a.queryOptions(ctx))
+	if err != nil {
+		return false, err
+	}
+	c, ok := checks[a.ttlCheckID]
+	return ok && c.Status == api.HealthPassing, nil
+}
+
+// registerService registers the service and its TTL check in one request, the check passing from the
+// start so peers see this instance as healthy at once.
+func (a *Agent) registerService(ctx context.Context) error {
+	cfg := a.config()
+	reg := &api.AgentServiceRegistration{
+		ID:        a.serviceID,
+		Name:      cfg.Service,
+		Meta:      map[string]string{"external-source": "consul-esm"},
+		Partition: a.partition(),
+		Check: &api.AgentServiceCheck{
+			CheckID:                        a.ttlCheckID,
+			Name:                           ttlCheckName,
+			Notes:                          ttlCheckNotes,
+			TTL:                            cfg.AgentTTL.String(),
+			Status:                         api.HealthPassing,
+			DeregisterCriticalServiceAfter: cfg.DeregisterAfter.String(),
+		},
+	}
+	if cfg.Tag != "" {
+		reg.Tags = []string{cfg.Tag}
+	}
+	opts := api.ServiceRegisterOpts{}.WithContext(ctx)
+	if err := a.client.Agent().ServiceRegisterOpts(reg, opts); err != nil {
+		a.status.failed(err)
+		return fmt.Errorf("registering service %q: %w", a.serviceID, err)
+	}
+	a.status.contact()
+	return nil
+}
+
+// keepRegistered refreshes the TTL check and restores the registration when it was lost (agent
+// restarted without its data, or an operator deregistered the service).
+func (a *Agent) keepRegistered(ctx context.Context) {
+	for {
+		if !sleepCtx(ctx, a.config().TTLRefreshInterval) {
+			return
+		}
+		err := a.client.Agent().UpdateTTLOpts(a.ttlCheckID, "", api.HealthPassing, a.queryOptions(ctx))
+		if err == nil {
+			a.status.contact()
+			a.status.setRegistered(true)
+			continue
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		a.status.failed(err)
+		if svc, _, lerr := a.client.Agent().Service(a.serviceID, a.queryOptions(ctx)); lerr != nil || svc == nil {
+			a.logger.Warn("Service registration was lost, reregistering")
+			a.status.setRegistered(false)
+		} else {
+			a.logger.Warn("Failed to refresh agent TTL check (will reregister)", "error", err)
+		}
+		if err := a.registerService(ctx); err != nil {
+			if ctx.Err() != nil {
+				return
+			}
+			a.logger.Warn("Failed to reregister service (will retry)", "error", err)
+			continue
+		}
+		a.status.setRegistered(true)
+	}
+}
+
+// deregister removes the service (and with it the TTL check) within the shutdown budget.
+func (a *Agent) deregister() {
+	ctx := a.shutdownContext()
+	opts := a.queryOptions(ctx)
+	start := time.Now()
+	if err := a.client.Agent().ServiceDeregisterOpts(a.serviceID, opts); err != nil {
+		a.logger.Warn("Failed to deregister service", "error", err, "elapsed", time.Since(start))
+		return
+	}
+	a.status.setRegistered(false)
+}

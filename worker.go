@@ -1,0 +1,41 @@
+package main
+
+import (
+	"bytes"
+	"context"
+
+	"github.com/hashicorp/consul/api"
+)
+
+// assignmentKey is where the leader writes this instance's share of the external nodes.
+func (a *Agent) assignmentKey() string { return a.kvPath() + "agents/" + a.serviceID }
+
+// watchAssignment follows <kv>agents/<serviceID> and hands the node set to the check runner and the
+// probe set to the prober. A missing or empty key stops all work: a leader that removed this
+// instance's key has given its nodes to someone else.
+func (a *Agent) watchAssignment(ctx context.Context) {
+	var last []byte
+	applied := false
+	blockingWatch(ctx, a, "Error querying for node watch list", func(q *api.QueryOptions) (uint64, error) {
+		pair, meta, err := a.client.KV().Get(a.assignmentKey(), q)
+		if err != nil {
+			return 0, err
+		}
+		var value []byte
+		if pair != nil {
+			value = pair.Value
+		}
+		if applied && bytes.Equal(value, last) {
+			return meta.LastIndex, nil
+		}
+		as, err := decodeAssignment(value)
+		if err != nil {
+			a.logger.Error("Error deserializing node list, skipping update", "error", err)
+			return meta.LastIndex, nil
+		}
+		last, applied = value, true
+		a.runner.SetNodes(as.all())
+		a.prober.SetNodes(as.Probes)
+		return meta.LastIndex, nil
+	})
+}
