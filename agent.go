@@ -22,6 +22,10 @@ type AgentOptions struct {
 	ConfigPaths []string
 	// Banner receives the startup banner; nil or log_json suppresses it.
 	Banner io.Writer
+
+	// crashOnStop makes Run return without releasing the lock or deregistering, as after SIGKILL;
+	// tests use it to measure failover.
+	crashOnStop bool
 }
 
 // Agent is one consul-esm instance: it registers itself with Consul, competes for leadership,
@@ -188,6 +192,9 @@ func (a *Agent) Run(ctx context.Context) error {
 
 	<-ctx.Done()
 	wg.Wait()
+	if a.opts.crashOnStop {
+		return nil
+	}
 	a.deregister()
 	if a.shutdownStop != nil {
 		a.shutdownStop()

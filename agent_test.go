@@ -238,7 +238,7 @@ func TestLeaderElectionAndAssignment(t *testing.T) {
 
 	// Nothing changes: the KV keys are not rewritten.
 	_, idxBefore := kvAssignments(t, srv.Client)
-	registerExternalNode(t, srv.Client, "ext-1", false) // same node again: a catalog write without a change
+	registerExternalNode(t, srv.Client, "ext-2", false) // same node again: a catalog write without a change
 	time.Sleep(time.Second)                             // the point of the test: give the leader time to (not) write
 	_, idxAfter := kvAssignments(t, srv.Client)
 	for id, i := range idxBefore {
@@ -357,5 +357,47 @@ func TestVerifyConsulCompatibility(t *testing.T) {
 				t.Fatalf("err = %v, want %q", err, tc.wantErr)
 			}
 		})
+	}
+}
+
+// TestLeaderCrashFailover kills the leader without any cleanup (as SIGKILL would) and measures how
+// long until the survivor leads and owns the dead instance's nodes: bounded by the session/TTL-check
+// expiry plus the lock delay.
+func TestLeaderCrashFailover(t *testing.T) {
+	srv := newTestConsul(t)
+	nodes := []string{"n1", "n2", "n3", "n4"}
+	for _, n := range nodes {
+		registerExternalNode(t, srv.Client, n, false)
+	}
+	crashCfg := testConfig(srv)
+	crasher := startAgentOpts(t, crashCfg, AgentOptions{crashOnStop: true})
+	waitFor(t, 10*time.Second, func() error {
+		if !crasher.status.leader.Load() {
+			return errNotYet
+		}
+		return nil
+	})
+	survivor := startAgent(t, testConfig(srv))
+	waitAssigned(t, srv.Client, []*runningAgent{crasher, survivor}, nodes)
+
+	start := time.Now()
+	if err := crasher.stop(t); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 20*time.Second, func() error {
+		if !survivor.status.leader.Load() {
+			return errNotYet
+		}
+		return nil
+	})
+	tookLock := time.Since(start)
+	waitAssigned(t, srv.Client, []*runningAgent{survivor}, nodes)
+	reassigned := time.Since(start)
+	// The bound: the dead instance's TTL check (AgentTTL) or session (2 x SessionTTL) expires, then
+	// the lock delay runs.
+	bound := max(crashCfg.AgentTTL, 2*crashCfg.SessionTTL) + crashCfg.LockDelay + time.Second
+	t.Logf("crash failover: lock taken after %s, nodes reassigned after %s (bound %s)", tookLock, reassigned, bound)
+	if reassigned > bound {
+		t.Errorf("failover took %s, bound %s", reassigned, bound)
 	}
 }

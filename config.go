@@ -257,6 +257,11 @@ func (c *Config) Validate() error {
 	if strings.TrimSpace(c.Service) == "" {
 		return fail("consul_service cannot be empty")
 	}
+	if len(c.NodeMeta) == 0 {
+		// An empty filter would match every node in the catalog, agent nodes included, and ESM would
+		// start writing their checks.
+		return fail("external_node_meta cannot be empty: it selects which nodes are external")
+	}
 	if c.PingType != "udp" && c.PingType != "socket" {
 		return fail(`ping_type must be one of either "udp" or "socket"`)
 	}

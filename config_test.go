@@ -435,7 +435,7 @@ func TestConfigLoadErrors(t *testing.T) {
 		{"label.hcl", "telemetry \"x\" {\n}\n", `telemetry: unexpected nested key "x"`},
 		{"syntax.hcl", "log_level = \"a\n", "error parsing: "},
 		{"syntax2.hcl", "telemetry {\n", "error parsing: "},
-		{"syntax.json", `{"log_level" "INFO"}`, "error parsing: "},
+		{"syntax.json", `{"log_level": "INFO}`, "error parsing: "},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -509,6 +509,7 @@ func TestConfigValidation(t *testing.T) {
 			`invalid log_level "": must be one of TRACE, DEBUG, INFO, WARN, ERR, ERROR (case-insensitive)`},
 		{"empty service", `consul_service = ""`, `consul_service cannot be empty`},
 		{"blank service", `consul_service = "  "`, `consul_service cannot be empty`},
+		{"empty node meta", "external_node_meta {\n}\n", `external_node_meta cannot be empty: it selects which nodes are external`},
 		{"negative reconnect", `node_reconnect_timeout = "-1h"`, `node_reconnect_timeout cannot be negative`},
 		{"negative rotate", `log_rotate_duration = "-1s"`, `log_rotate_duration cannot be negative`},
 		{"negative check update", `check_update_interval = "-1s"`, `check_update_interval cannot be negative`},

@@ -76,13 +76,18 @@ type runningAgent struct {
 // startAgent runs an agent until the test ends (or stop is called) and waits for its Run to return.
 func startAgent(t testing.TB, cfg *Config) *runningAgent {
 	t.Helper()
+	return startAgentOpts(t, cfg, AgentOptions{})
+}
+
+func startAgentOpts(t testing.TB, cfg *Config, opts AgentOptions) *runningAgent {
+	t.Helper()
 	logs := &logBuffer{}
 	var out io.Writer = logs
 	if testing.Verbose() {
 		out = io.MultiWriter(logs, os.Stderr)
 	}
 	logger := hclog.New(&hclog.LoggerOptions{Name: "consul-esm", Level: hclog.Debug, Output: out})
-	a, err := NewAgent(cfg, logger, AgentOptions{})
+	a, err := NewAgent(cfg, logger, opts)
 	if err != nil {
 		t.Fatalf("NewAgent: %v", err)
 	}

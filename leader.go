@@ -252,6 +252,9 @@ func (a *Agent) monitorLock(ctx context.Context, sess string) error {
 func (a *Agent) releaseLeaderLock(ctx context.Context, sess string) {
 	cctx := ctx
 	if ctx.Err() != nil {
+		if a.opts.crashOnStop {
+			return
+		}
 		cctx = a.shutdownContext()
 	} else {
 		var cancel context.CancelFunc
