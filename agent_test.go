@@ -401,3 +401,22 @@ func TestLeaderCrashFailover(t *testing.T) {
 		t.Errorf("failover took %s, bound %s", reassigned, bound)
 	}
 }
+
+func TestAgentShutdownWithConsulGone(t *testing.T) {
+	srv := newTestConsul(t)
+	ra := startAgent(t, testConfig(srv))
+	waitFor(t, 10*time.Second, func() error {
+		if !ra.status.leader.Load() {
+			return errNotYet
+		}
+		return nil
+	})
+	_ = srv.Stop() // consul exits non-zero on interrupt; only its absence matters here
+	start := time.Now()
+	if err := ra.stop(t); err != nil {
+		t.Fatalf("Run = %v", err)
+	}
+	if el := time.Since(start); el > 5*time.Second {
+		t.Fatalf("shutdown with Consul gone took %s", el)
+	}
+}

@@ -62,6 +62,11 @@ func (a *Agent) verifyConsulCompatibility(ctx context.Context) error {
 		a.logger.Error("Incompatible Consul versions")
 		return err
 	}
+	if a.config().EnableAgentless {
+		if err := checkAgentlessVersions(versions[1:]); err != nil {
+			return err
+		}
+	}
 	a.logger.Debug("Consul agent and all servers are running compatible versions with ESM")
 	return nil
 }
@@ -72,7 +77,32 @@ func checkConsulVersions(versions []string) error {
 	if len(versions) == 0 {
 		return errors.New("no Consul versions")
 	}
-	constraint := version.MustConstraints(version.NewConstraint(minConsulVersion))
+	ok, err := versionsSatisfy(versions, minConsulVersion)
+	if err != nil {
+		return err
+	}
+	if !ok {
+		return fmt.Errorf(incompatibleTemplate, Version, strings.Join(versions, ", "))
+	}
+	return nil
+}
+
+// checkAgentlessVersions requires servers that drive session-type checks; without them an agentless
+// instance's own check would stay critical and no peer would ever assign it work.
+func checkAgentlessVersions(servers []string) error {
+	ok, err := versionsSatisfy(servers, agentlessMinServer)
+	if err != nil {
+		return err
+	}
+	if !ok {
+		return fmt.Errorf("enable_agentless needs Consul servers %s (session checks); found %s", agentlessMinServer, strings.Join(servers, ", "))
+	}
+	return nil
+}
+
+// versionsSatisfy reports whether every version meets the constraint, ignoring prerelease suffixes.
+func versionsSatisfy(versions []string, constraint string) (bool, error) {
+	c := version.MustConstraints(version.NewConstraint(constraint))
 	for _, raw := range versions {
 		s := raw
 		if i := strings.IndexByte(s, '-'); i >= 0 {
@@ -80,11 +110,11 @@ func checkConsulVersions(versions []string) error {
 		}
 		v, err := version.NewVersion(s)
 		if err != nil {
-			return fmt.Errorf("unable to parse Consul version %q: %w", raw, err)
+			return false, fmt.Errorf("unable to parse Consul version %q: %w", raw, err)
 		}
-		if !constraint.Check(v) {
-			return fmt.Errorf(incompatibleTemplate, Version, strings.Join(versions, ", "))
+		if !c.Check(v) {
+			return false, nil
 		}
 	}
-	return nil
+	return true, nil
 }

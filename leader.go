@@ -67,6 +67,13 @@ func (a *Agent) createLeaderSession(ctx context.Context) (string, error) {
 		// that stopped heartbeating, not only of one whose agent died.
 		Checks: []string{"serfHealth", a.ttlCheckID},
 	}
+	if cfg.EnableAgentless {
+		// No agent, no serfHealth: the session lives on our own node and dies with its session check.
+		entry.Name = "consul-esm leader lock"
+		entry.Node = a.agentlessNode()
+		entry.Checks = nil
+		entry.NodeChecks = []string{a.sessionCheckID()}
+	}
 	id, _, err := a.client.Session().Create(entry, a.writeOptions(ctx))
 	if err != nil {
 		return "", fmt.Errorf("creating leader session: %w", err)

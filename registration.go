@@ -52,6 +52,9 @@ func (a *Agent) partition() string {
 // register refuses to start while another live instance owns our service ID, and takes the ID over
 // when its earlier registration is dead (TTL check critical or missing).
 func (a *Agent) register(ctx context.Context) error {
+	if a.config().EnableAgentless {
+		return a.registerAgentless(ctx)
+	}
 	svc, _, err := a.client.Agent().Service(a.serviceID, a.queryOptions(ctx))
 	if err == nil && svc != nil {
 		alive, err := a.ttlCheckPassing(ctx)
@@ -112,6 +115,10 @@ func (a *Agent) registerService(ctx context.Context) error {
 // keepRegistered refreshes the TTL check and restores the registration when it was lost (agent
 // restarted without its data, or an operator deregistered the service).
 func (a *Agent) keepRegistered(ctx context.Context) {
+	if a.config().EnableAgentless {
+		a.keepRegisteredAgentless(ctx)
+		return
+	}
 	for {
 		if !sleepCtx(ctx, a.config().TTLRefreshInterval) {
 			return
@@ -145,6 +152,10 @@ func (a *Agent) keepRegistered(ctx context.Context) {
 
 // deregister removes the service (and with it the TTL check) within the shutdown budget.
 func (a *Agent) deregister() {
+	if a.config().EnableAgentless {
+		a.deregisterAgentless()
+		return
+	}
 	ctx := a.shutdownContext()
 	opts := a.queryOptions(ctx)
 	start := time.Now()
