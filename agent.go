@@ -43,6 +43,10 @@ type Agent struct {
 	serviceID  string
 	ttlCheckID string
 
+	// enterprise is set when the local agent reports a "+ent" version: health queries then use the
+	// wildcard namespace and writes carry each check's namespace.
+	enterprise atomic.Bool
+
 	runner    *CheckRunner
 	prober    *NodeProber
 	status    *agentStatus

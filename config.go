@@ -498,9 +498,20 @@ func (st *configLoadState) loadFile(path string) error {
 	return st.decode(data)
 }
 
+// parseHCL wraps hcl.ParseBytes, whose JSON scanner panics on some malformed escapes (found by
+// FuzzConfigDecode): a broken config file must be an error message, not a crash.
+func parseHCL(data []byte) (file *ast.File, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			file, err = nil, fmt.Errorf("malformed input: %v", r)
+		}
+	}()
+	return hcl.ParseBytes(data)
+}
+
 // decode parses one file's content (HCL v1 or JSON) and applies every key it sets.
 func (st *configLoadState) decode(data []byte) error {
-	file, err := hcl.ParseBytes(data)
+	file, err := parseHCL(data)
 	if err != nil {
 		return fmt.Errorf("error parsing: %v", err)
 	}

@@ -29,6 +29,12 @@ func (a *Agent) verifyConsulCompatibility(ctx context.Context) error {
 		return errors.New("unable to check version compatibility with Consul agent")
 	}
 	versions := []string{agentVer}
+	a.enterprise.Store(strings.Contains(agentVer, "+ent"))
+	if a.enterprise.Load() {
+		a.logger.Debug("Consul Enterprise detected, using wildcard namespace for health checks")
+	} else {
+		a.logger.Debug("Consul CE detected, using default namespace for health checks")
+	}
 
 	b := newBackoff(a.config().RetryInterval/4, a.config().RetryInterval)
 	var servers []*api.CatalogService
