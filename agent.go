@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -106,15 +107,11 @@ func NewAgent(cfg *Config, logger hclog.Logger, opts AgentOptions) (*Agent, erro
 // newConsulClient builds the API client. The ACL token travels as a client header rather than in the
 // client config so SIGHUP can rotate it without rebuilding the client.
 func newConsulClient(cfg *Config) (*api.Client, error) {
-	conf := cfg.APIConfig()
-	token := conf.Token
-	if token == "" && conf.TokenFile != "" {
-		b, err := readTokenFile(conf.TokenFile)
-		if err != nil {
-			return nil, err
-		}
-		token = b
+	token, err := resolveToken(cfg)
+	if err != nil {
+		return nil, err
 	}
+	conf := cfg.APIConfig()
 	conf.Token, conf.TokenFile = "", ""
 	client, err := api.NewClient(conf)
 	if err != nil {
@@ -156,38 +153,33 @@ func (a *Agent) shutdownContext() context.Context {
 // Run connects to Consul, registers this instance and runs until ctx is cancelled, then cleans up:
 // leadership released, service deregistered. It returns an error only for fatal startup problems.
 func (a *Agent) Run(ctx context.Context) error {
+	defer a.telemetry.Close()
 	a.logger.Info("Connecting to Consul", "address", a.consulAddr)
 	metrics.SetGauge([]string{"esm", "agent", "isLeader"}, 0)
 
-	if err := a.waitForLeader(ctx); err != nil {
-		return nil // cancelled while waiting: a clean exit
-	}
-	if err := a.verifyConsulCompatibility(ctx); err != nil {
-		if ctx.Err() != nil {
-			return nil
-		}
-		return err
-	}
-	a.printBanner()
-
-	if err := a.register(ctx); err != nil {
-		if ctx.Err() != nil {
-			return nil
-		}
-		return err
-	}
-	a.status.setRegistered(true)
-
+	// loopCtx lets a failed startup stop the loops already running; it ends with ctx otherwise.
+	loopCtx, stopLoops := context.WithCancel(ctx)
+	defer stopLoops()
 	var wg sync.WaitGroup
 	start := func(name string, f func(context.Context)) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			f(ctx)
+			f(loopCtx)
 			a.logger.Trace("loop stopped", "loop", name)
 		}()
 	}
+	// The HTTP server starts first so /health answers (503) while the instance waits for Consul.
 	start("http", a.runHTTP)
+
+	if err := a.startup(ctx); err != nil || ctx.Err() != nil {
+		stopLoops()
+		wg.Wait()
+		if err == nil && a.status.registered.Load() && !a.opts.crashOnStop {
+			a.deregister()
+		}
+		return err
+	}
 	start("ttl", a.keepRegistered)
 	start("leader", a.leaderLoop)
 	start("assignment", a.watchAssignment)
@@ -204,6 +196,66 @@ func (a *Agent) Run(ctx context.Context) error {
 		a.shutdownStop()
 	}
 	return nil
+}
+
+// startup waits for a cluster leader, checks versions and registers. Problems Consul may resolve
+// (no leader yet, ACL system not bootstrapped, a token not yet valid) are retried with backoff; an
+// incompatible version or a live duplicate instance ID is fatal. A cancelled ctx returns nil.
+func (a *Agent) startup(ctx context.Context) error {
+	if err := a.waitForLeader(ctx); err != nil {
+		return nil
+	}
+	b := newBackoff(500*time.Millisecond, a.config().RetryInterval)
+	for {
+		err := a.verifyConsulCompatibility(ctx)
+		if err == nil {
+			break
+		}
+		if ctx.Err() != nil {
+			return nil
+		}
+		if !isRetryable(err) {
+			return err
+		}
+		a.status.failed(err)
+		a.logger.Error("Unable to check Consul versions (will retry)", "error", err)
+		sleepCtx(ctx, b.next())
+	}
+	a.printBanner()
+	b.reset()
+	for {
+		err := a.register(ctx)
+		if err == nil {
+			break
+		}
+		if ctx.Err() != nil {
+			return nil
+		}
+		var exists *alreadyExistsError
+		if errors.As(err, &exists) || !isRetryable(err) {
+			return err
+		}
+		a.logger.Error("Failed to register ESM service (will retry)", "error", err)
+		sleepCtx(ctx, b.next())
+	}
+	a.status.setRegistered(true)
+	return nil
+}
+
+// isRetryable tells transient Consul failures (transport errors, 5xx, 429, ACL denials an operator can
+// fix with SIGHUP) from answers that will not change.
+func isRetryable(err error) bool {
+	var se api.StatusError
+	if errors.As(err, &se) {
+		return se.Code >= 500 || se.Code == 429 || se.Code == 403 || se.Code == 401
+	}
+	msg := err.Error()
+	for _, permanent := range []string{"is incompatible", "unable to parse Consul version", "enable_agentless needs"} {
+		if strings.Contains(msg, permanent) {
+			return false
+		}
+	}
+	return true
 }
 
 // waitForLeader blocks until the cluster has a leader, retrying with backoff.

@@ -1,8 +1,11 @@
 package main
 
 import (
+	"bytes"
+	"encoding/json"
 	"fmt"
 	"io"
+	"log"
 	"os"
 	"path/filepath"
 	"sort"
@@ -15,7 +18,9 @@ import (
 )
 
 // setupLogging builds the root logger named "consul-esm" writing to stdout plus, when configured, a
-// rotating log file and syslog. The returned func flushes and closes the extra sinks.
+// rotating log file and syslog. It also routes the standard library logger (used by go-metrics'
+// statsd sinks and net/http) into it, levels inferred from "[ERR]"-style prefixes. The returned func
+// closes the extra sinks and restores the standard logger.
 func setupLogging(cfg *Config, stdout io.Writer) (hclog.InterceptLogger, func(), error) {
 	level, err := parseLogLevel(cfg.LogLevel)
 	if err != nil {
@@ -23,6 +28,11 @@ func setupLogging(cfg *Config, stdout io.Writer) (hclog.InterceptLogger, func(),
 	}
 	writers := []io.Writer{stdout}
 	var closers []io.Closer
+	closeAll := func() {
+		for _, c := range closers {
+			_ = c.Close()
+		}
+	}
 
 	if cfg.LogFile != "" {
 		fw, err := newRotatingFile(cfg.LogFile, cfg.LogRotateBytes, cfg.LogRotateMaxFiles, cfg.LogRotateDuration)
@@ -35,10 +45,11 @@ func setupLogging(cfg *Config, stdout io.Writer) (hclog.InterceptLogger, func(),
 	if cfg.EnableSyslog {
 		facility := cfg.SyslogFacility
 		if facility == "" {
-			facility = "LOCAL0"
+			facility = defaultSyslogFacility
 		}
 		sl, err := gsyslog.NewLogger(gsyslog.LOG_NOTICE, facility, "consul-esm")
 		if err != nil {
+			closeAll()
 			return nil, nil, fmt.Errorf("setting up syslog (facility %q): %w", facility, err)
 		}
 		writers = append(writers, &syslogWriter{l: sl})
@@ -46,18 +57,42 @@ func setupLogging(cfg *Config, stdout io.Writer) (hclog.InterceptLogger, func(),
 	}
 
 	logger := hclog.NewInterceptLogger(&hclog.LoggerOptions{
-		Name:            "consul-esm",
-		Level:           level,
-		JSONFormat:      cfg.LogJSON,
-		Output:          io.MultiWriter(writers...),
-		TimeFormat:      "2006-01-02T15:04:05.000Z0700",
-		IncludeLocation: false,
+		Name:       "consul-esm",
+		Level:      level,
+		JSONFormat: cfg.LogJSON,
+		// Every sink gets every line even when an earlier one fails (a full disk must not silence
+		// syslog, nor a dead syslog the file).
+		Output:     &teeWriter{writers: writers},
+		TimeFormat: "2006-01-02T15:04:05.000Z0700",
 	})
+
+	prevOut, prevFlags, prevPrefix := log.Writer(), log.Flags(), log.Prefix()
+	log.SetOutput(logger.StandardWriter(&hclog.StandardLoggerOptions{InferLevels: true}))
+	log.SetFlags(0)
+	log.SetPrefix("")
 	return logger, func() {
-		for _, c := range closers {
-			_ = c.Close()
-		}
+		log.SetOutput(prevOut)
+		log.SetFlags(prevFlags)
+		log.SetPrefix(prevPrefix)
+		closeAll()
 	}, nil
+}
+
+// teeWriter writes p to every writer and reports the first error, unlike io.MultiWriter, which stops
+// at the first failing writer.
+type teeWriter struct{ writers []io.Writer }
+
+func (t *teeWriter) Write(p []byte) (int, error) {
+	var first error
+	for _, w := range t.writers {
+		if _, err := w.Write(p); err != nil && first == nil {
+			first = err
+		}
+	}
+	if first != nil {
+		return 0, first
+	}
+	return len(p), nil
 }
 
 // parseLogLevel accepts the original's level names (case-insensitive; ERR is ERROR).
@@ -77,37 +112,56 @@ func parseLogLevel(s string) (hclog.Level, error) {
 	return hclog.NoLevel, fmt.Errorf("invalid log_level %q: must be one of TRACE, DEBUG, INFO, WARN, ERR, ERROR", s)
 }
 
-// syslogWriter maps hclog's "[LEVEL]" text to syslog priorities so WARN and ERROR lines are not all
-// filed under NOTICE.
+// syslogWriter maps each hclog line's level to a syslog priority, so WARN and ERROR lines are not
+// all filed under one priority.
 type syslogWriter struct {
 	mu sync.Mutex
 	l  gsyslog.Syslogger
 }
 
 func (w *syslogWriter) Write(p []byte) (int, error) {
-	prio := gsyslog.LOG_NOTICE
-	switch {
-	case strings.Contains(string(p), "[ERROR]"), strings.Contains(string(p), `"@level":"error"`):
-		prio = gsyslog.LOG_ERR
-	case strings.Contains(string(p), "[WARN]"), strings.Contains(string(p), `"@level":"warn"`):
-		prio = gsyslog.LOG_WARNING
-	case strings.Contains(string(p), "[DEBUG]"), strings.Contains(string(p), "[TRACE]"),
-		strings.Contains(string(p), `"@level":"debug"`), strings.Contains(string(p), `"@level":"trace"`):
-		prio = gsyslog.LOG_DEBUG
-	case strings.Contains(string(p), "[INFO]"), strings.Contains(string(p), `"@level":"info"`):
-		prio = gsyslog.LOG_INFO
-	}
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	if err := w.l.WriteLevel(prio, p); err != nil {
-		return 0, err
+	if err := w.l.WriteLevel(syslogPriority(p), p); err != nil {
+		return 0, fmt.Errorf("writing to syslog: %w", err)
 	}
 	return len(p), nil
 }
 
+// syslogPriority reads the level of one hclog line: the "@level" field of a JSON line, or the
+// bracketed label after the timestamp of a text line. Only the line's own level counts, never text
+// inside the message.
+func syslogPriority(p []byte) gsyslog.Priority {
+	var level string
+	if bytes.HasPrefix(bytes.TrimSpace(p), []byte("{")) {
+		var line struct {
+			Level string `json:"@level"`
+		}
+		if json.Unmarshal(p, &line) == nil {
+			level = strings.ToUpper(line.Level)
+		}
+	} else if i := bytes.IndexByte(p, '['); i >= 0 && i < 64 {
+		if j := bytes.IndexByte(p[i:], ']'); j > 0 {
+			level = string(p[i+1 : i+j])
+		}
+	}
+	switch level {
+	case "ERROR":
+		return gsyslog.LOG_ERR
+	case "WARN":
+		return gsyslog.LOG_WARNING
+	case "INFO":
+		return gsyslog.LOG_INFO
+	case "DEBUG", "TRACE":
+		return gsyslog.LOG_DEBUG
+	}
+	return gsyslog.LOG_NOTICE
+}
+
 // rotatingFile is the log_file sink with Consul's rotation semantics: a path ending in "/" logs to
-// consul.log in that directory; files rotate by size (log_rotate_bytes) and age (log_rotate_duration,
-// default 24h) into <name>-<unix-nanos>.<ext>, keeping log_rotate_max_files old files (0 = all).
+// consul.log in that directory; the file rotates by size (log_rotate_bytes, 0 = never) and age
+// (log_rotate_duration, default 24h) into <name>-<unix-nanos><ext>; log_rotate_max_files archives are
+// kept (0 = all, -1 = none).
 type rotatingFile struct {
 	mu       sync.Mutex
 	dir      string
@@ -122,7 +176,7 @@ type rotatingFile struct {
 }
 
 func newRotatingFile(path string, maxBytes, maxFiles int, maxAge time.Duration) (*rotatingFile, error) {
-	if strings.HasSuffix(path, "/") {
+	if strings.HasSuffix(path, "/") || strings.HasSuffix(path, string(filepath.Separator)) {
 		path += "consul.log"
 	}
 	if maxAge <= 0 {
@@ -165,7 +219,15 @@ func (r *rotatingFile) open() error {
 func (r *rotatingFile) Write(p []byte) (int, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if (r.maxBytes > 0 && r.size+len(p) > r.maxBytes && r.size > 0) || time.Since(r.opened) > r.maxAge {
+	if r.f == nil {
+		// An earlier rotation could not reopen the file; try again rather than go silent forever.
+		if err := r.open(); err != nil {
+			return 0, err
+		}
+	}
+	tooBig := r.maxBytes > 0 && r.size > 0 && r.size+len(p) > r.maxBytes
+	tooOld := r.size > 0 && time.Since(r.opened) > r.maxAge
+	if tooBig || tooOld {
 		if err := r.rotate(); err != nil {
 			return 0, err
 		}
@@ -175,31 +237,71 @@ func (r *rotatingFile) Write(p []byte) (int, error) {
 	return n, err
 }
 
+// rotate archives the current file and opens a fresh one. When the rename fails the current file is
+// reopened, so logging goes on (into the oversized file) instead of stopping.
 func (r *rotatingFile) rotate() error {
-	r.f.Close()
-	rotated := filepath.Join(r.dir, fmt.Sprintf("%s-%d%s", r.base, time.Now().UnixNano(), r.ext))
-	if err := os.Rename(r.path(), rotated); err != nil {
-		return fmt.Errorf("rotating log_file: %w", err)
+	if err := r.f.Close(); err != nil {
+		r.f = nil
+		return fmt.Errorf("closing log_file %q for rotation: %w", r.path(), err)
+	}
+	r.f = nil
+	archive := filepath.Join(r.dir, fmt.Sprintf("%s-%d%s", r.base, time.Now().UnixNano(), r.ext))
+	renameErr := os.Rename(r.path(), archive)
+	if err := r.open(); err != nil {
+		return err
+	}
+	if renameErr != nil {
+		return fmt.Errorf("rotating log_file %q: %w", r.path(), renameErr)
 	}
 	r.prune()
-	return r.open()
+	return nil
 }
 
-// prune removes the oldest rotated files beyond maxFiles.
+// prune removes the oldest archives beyond maxFiles. Only names this sink creates
+// (<base>-<digits><ext>) are considered, so unrelated files such as consul-template.log sitting next
+// to consul.log are never touched.
 func (r *rotatingFile) prune() {
-	if r.maxFiles <= 0 {
+	if r.maxFiles == 0 {
 		return
 	}
-	old, _ := filepath.Glob(filepath.Join(r.dir, r.base+"-*"+r.ext))
-	sort.Strings(old)
-	for len(old) > r.maxFiles {
-		_ = os.Remove(old[0])
-		old = old[1:]
+	keep := max(r.maxFiles, 0)
+	entries, err := os.ReadDir(r.dir)
+	if err != nil {
+		return
+	}
+	var archives []string
+	for _, e := range entries {
+		name := e.Name()
+		if e.IsDir() || !strings.HasPrefix(name, r.base+"-") || !strings.HasSuffix(name, r.ext) {
+			continue
+		}
+		stamp := strings.TrimSuffix(strings.TrimPrefix(name, r.base+"-"), r.ext)
+		if stamp == "" || strings.Trim(stamp, "0123456789") != "" {
+			continue
+		}
+		archives = append(archives, name)
+	}
+	// Numeric order of the timestamps: shorter first, then lexical.
+	sort.Slice(archives, func(i, j int) bool {
+		a, b := archives[i], archives[j]
+		if len(a) != len(b) {
+			return len(a) < len(b)
+		}
+		return a < b
+	})
+	for len(archives) > keep {
+		_ = os.Remove(filepath.Join(r.dir, archives[0]))
+		archives = archives[1:]
 	}
 }
 
 func (r *rotatingFile) Close() error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	return r.f.Close()
+	if r.f == nil {
+		return nil
+	}
+	err := r.f.Close()
+	r.f = nil
+	return err
 }
