@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"strings"
@@ -113,41 +114,67 @@ func (a *Agent) registerService(ctx context.Context) error {
 }
 
 // keepRegistered refreshes the TTL check and restores the registration when it was lost (agent
-// restarted without its data, or an operator deregistered the service).
+// restarted without its data, or an operator deregistered the service). While Consul is failing it
+// backs off and logs the problem once, not on every attempt.
 func (a *Agent) keepRegistered(ctx context.Context) {
 	if a.config().EnableAgentless {
 		a.keepRegisteredAgentless(ctx)
 		return
 	}
-	for {
-		if !sleepCtx(ctx, a.config().TTLRefreshInterval) {
-			return
-		}
-		err := a.client.Agent().UpdateTTLOpts(a.ttlCheckID, "", api.HealthPassing, a.queryOptions(ctx))
-		if err == nil {
-			a.status.contact()
-			a.status.setRegistered(true)
-			continue
-		}
+	b := newBackoff(a.config().TTLRefreshInterval, a.config().RetryInterval)
+	failing := false
+	wait := a.config().TTLRefreshInterval
+	for sleepCtx(ctx, wait) {
+		err := a.refreshRegistration(ctx)
 		if ctx.Err() != nil {
 			return
 		}
-		a.status.failed(err)
-		if svc, _, lerr := a.client.Agent().Service(a.serviceID, a.queryOptions(ctx)); lerr != nil || svc == nil {
-			a.logger.Warn("Service registration was lost, reregistering")
-			a.status.setRegistered(false)
-		} else {
-			a.logger.Warn("Failed to refresh agent TTL check (will reregister)", "error", err)
-		}
-		if err := a.registerService(ctx); err != nil {
-			if ctx.Err() != nil {
-				return
+		if err == nil {
+			if failing {
+				a.logger.Info("Agent TTL check refreshed again")
 			}
-			a.logger.Warn("Failed to reregister service (will retry)", "error", err)
+			failing = false
+			b.reset()
+			wait = a.config().TTLRefreshInterval
 			continue
 		}
-		a.status.setRegistered(true)
+		a.status.failed(err)
+		if !failing {
+			a.logger.Warn("Failed to refresh agent TTL check (will retry)", "error", err)
+		}
+		failing = true
+		wait = b.next()
 	}
+}
+
+// refreshRegistration passes the TTL check, re-registering the service when the agent no longer knows it.
+func (a *Agent) refreshRegistration(ctx context.Context) error {
+	err := a.client.Agent().UpdateTTLOpts(a.ttlCheckID, "", api.HealthPassing, a.queryOptions(ctx))
+	if err == nil {
+		a.status.contact()
+		a.status.setRegistered(true)
+		return nil
+	}
+	if !isNotFound(err) {
+		return err
+	}
+	a.logger.Warn("Service registration was lost, reregistering")
+	a.status.setRegistered(false)
+	if err := a.registerService(ctx); err != nil {
+		return fmt.Errorf("reregistering: %w", err)
+	}
+	a.status.setRegistered(true)
+	return nil
+}
+
+// isNotFound reports a 404 from Consul, or the agent's "does not have associated TTL" answer for a
+// check it no longer knows.
+func isNotFound(err error) bool {
+	var se api.StatusError
+	if errors.As(err, &se) && se.Code == 404 {
+		return true
+	}
+	return strings.Contains(err.Error(), "does not have associated TTL") || strings.Contains(err.Error(), "Unknown check")
 }
 
 // deregister removes the service (and with it the TTL check) within the shutdown budget.
