@@ -1,0 +1,582 @@
+package main
+
+import (
+	"container/heap"
+	"context"
+	"fmt"
+	"net/url"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/armon/go-metrics"
+	"github.com/hashicorp/consul/api"
+)
+
+const (
+	// writeBatchWindow is how long the writer collects status changes before it flushes them, unless
+	// a full transaction's worth (maxTxnOps) is pending first. It keeps a burst of changes (a target
+	// going down takes many checks with it) to a few transactions at a cost of a few milliseconds.
+	writeBatchWindow = 10 * time.Millisecond
+
+	// writeAttempts bounds how often a batch is re-read and retried after a stale-index conflict.
+	writeAttempts = 3
+
+	// nodeReadParallelism bounds the concurrent consistent reads of one flush.
+	nodeReadParallelism = 8
+
+	// finalFlushBudget bounds the flush of changes still pending at shutdown.
+	finalFlushBudget = time.Second
+)
+
+var (
+	checkTxnKey      = []string{"check", "txn"}
+	writeFailuresKey = []string{"esm", "consul", "write_failures"}
+)
+
+// checkWriter writes check status to the catalog. Changes are collected for writeBatchWindow (or
+// until maxTxnOps are pending) and flushed by one goroutine: a consistent read of each affected node,
+// then one transaction of CAS operations on the ModifyIndex just read. Because only Status and
+// Output are changed on the fresh copy and the CAS fails if anything changed since the read, an
+// operator's edit (Notes, Name, definition) is never overwritten; a stale-index conflict re-reads and
+// retries the whole batch (a transaction is atomic, so nothing of it landed), and any other failure
+// reverts the whole batch so the next probe result tries again — never a silent loss.
+//
+// It also owns the deferred output-only writes (check_update_interval): a heap of due times with
+// lazy cancellation through checkState.deferN.
+type checkWriter struct {
+	r      *CheckRunner
+	window time.Duration
+
+	mu       sync.Mutex
+	pending  []*checkState
+	firstAt  time.Time // when the oldest pending change was queued
+	deferred deferHeap
+	wake     chan struct{}
+
+	// afterRead, when set (tests), runs between the consistent read and the write of every attempt.
+	afterRead func()
+
+	txns     atomic.Uint64 // transactions sent (tests)
+	maxOps   atomic.Int64  // largest transaction sent (tests)
+	failures atomic.Uint64 // check writes given up (tests)
+}
+
+func newCheckWriter(r *CheckRunner) *checkWriter {
+	return &checkWriter{r: r, window: batchWindow(r.agent.config()), wake: make(chan struct{}, 1)}
+}
+
+// batchWindow is writeBatchWindow, except in agentless mode where batch_flush_interval sets it (as
+// in the original, to spare the servers that serve every request there); 0 flushes each change at once.
+func batchWindow(cfg *Config) time.Duration {
+	if cfg.EnableAgentless {
+		return cfg.BatchFlushInterval
+	}
+	return writeBatchWindow
+}
+
+// enqueue schedules a write of st's wanted status and output. The flush reads them when it runs, so
+// a check queued twice is written once with its latest state. Caller holds r.mu.
+func (w *checkWriter) enqueue(st *checkState) {
+	w.cancelDefer(st) // the write carries the latest output anyway
+	if st.removed || st.queued {
+		return
+	}
+	st.queued = true
+	w.mu.Lock()
+	if len(w.pending) == 0 {
+		w.firstAt = time.Now()
+	}
+	w.pending = append(w.pending, st)
+	n := len(w.pending)
+	w.mu.Unlock()
+	if n == 1 || n >= maxTxnOps {
+		signalChan(w.wake)
+	}
+}
+
+// deferWrite schedules a write of st after d unless one is already scheduled; the write then carries
+// whatever output is latest. Caller holds r.mu.
+func (w *checkWriter) deferWrite(st *checkState, d time.Duration) {
+	if st.removed || st.queued || !st.deferAt.IsZero() {
+		return
+	}
+	st.deferN++
+	st.deferAt = time.Now().Add(d)
+	w.mu.Lock()
+	heap.Push(&w.deferred, deferEntry{at: st.deferAt, st: st, n: st.deferN})
+	top := w.deferred[0].st == st && w.deferred[0].n == st.deferN
+	w.mu.Unlock()
+	if top {
+		signalChan(w.wake)
+	}
+}
+
+// cancelDefer drops st's deferred write, if any; its heap entry is skipped when it comes due.
+// Caller holds r.mu.
+func (w *checkWriter) cancelDefer(st *checkState) {
+	if !st.deferAt.IsZero() {
+		st.deferAt = time.Time{}
+		st.deferN++
+	}
+}
+
+// loop flushes batches and promotes due deferred writes until ctx ends, then makes one bounded
+// attempt to write what is still pending.
+func (w *checkWriter) loop(ctx context.Context) {
+	timer := time.NewTimer(time.Hour)
+	defer timer.Stop()
+	var due []deferEntry
+	for {
+		now := time.Now()
+		w.mu.Lock()
+		due = due[:0]
+		for len(w.deferred) > 0 && !w.deferred[0].at.After(now) {
+			due = append(due, heap.Pop(&w.deferred).(deferEntry))
+		}
+		w.mu.Unlock()
+		if len(due) > 0 {
+			w.promote(due)
+			continue
+		}
+
+		w.mu.Lock()
+		var batch []*checkState
+		wait := time.Duration(-1)
+		if n := len(w.pending); n > 0 {
+			if age := now.Sub(w.firstAt); n >= maxTxnOps || age >= w.window {
+				take := min(n, maxTxnOps)
+				batch = make([]*checkState, take)
+				copy(batch, w.pending)
+				w.pending = append(w.pending[:0], w.pending[take:]...)
+				// firstAt stays: whatever is left has waited at least as long and goes next.
+			} else {
+				wait = w.window - age
+			}
+		}
+		if len(w.deferred) > 0 {
+			if d := w.deferred[0].at.Sub(now); wait < 0 || d < wait {
+				wait = d
+			}
+		}
+		w.mu.Unlock()
+
+		if batch != nil {
+			w.flush(ctx, batch)
+			continue
+		}
+		if wait >= 0 {
+			timer.Reset(wait)
+		} else {
+			timer.Stop()
+		}
+		select {
+		case <-ctx.Done():
+			w.finalFlush()
+			return
+		case <-w.wake:
+		case <-timer.C:
+		}
+	}
+}
+
+// promote queues the deferred writes that came due and are still current.
+func (w *checkWriter) promote(due []deferEntry) {
+	w.r.mu.Lock()
+	defer w.r.mu.Unlock()
+	for _, e := range due {
+		if e.n == e.st.deferN && !e.st.deferAt.IsZero() {
+			e.st.deferAt = time.Time{}
+			w.enqueue(e.st)
+		}
+	}
+}
+
+// finalFlush writes status changes still pending at shutdown, within finalFlushBudget. Shutdown
+// cancelled the loop's context, so it uses its own.
+func (w *checkWriter) finalFlush() {
+	w.mu.Lock()
+	pending := w.pending
+	w.pending = nil
+	w.mu.Unlock()
+	if len(pending) == 0 {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), finalFlushBudget)
+	defer cancel()
+	for len(pending) > 0 {
+		n := min(len(pending), maxTxnOps)
+		w.flush(ctx, pending[:n])
+		pending = pending[n:]
+	}
+}
+
+// pendingWrite is one check's change as taken from its state when a flush attempt starts.
+type pendingWrite struct {
+	st                           *checkState
+	node, ns, partition, checkID string
+	status, output               string
+	fresh                        *catalogCheck // the consistent read's copy
+	index                        uint64        // ModifyIndex after our write (0: unknown)
+	readErr                      error
+	viaRegister                  bool
+}
+
+type nodeRef struct{ node, ns, partition string }
+
+// flush writes batch. After a stale-index conflict the whole transaction (nothing of it landed) is
+// retried with fresh reads; the rest of the batch was settled by the first attempt.
+func (w *checkWriter) flush(ctx context.Context, batch []*checkState) {
+	for attempt := 1; len(batch) > 0; attempt++ {
+		ops := w.snapshot(batch, attempt == 1)
+		if len(ops) == 0 {
+			return
+		}
+		batch = w.attempt(ctx, ops, attempt == writeAttempts)
+		if len(batch) > 0 {
+			metrics.IncrCounter([]string{"check", "txn", "retry"}, 1)
+		}
+	}
+}
+
+// snapshot takes the current wanted state of each check in batch. The first snapshot of a batch
+// takes its checks off the queue (so later changes queue them again); a retry must not, as the
+// check may be queued again already and must stay in the queue exactly once. A check appears in a
+// transaction at most once: a second CAS on it would always fail. Caller must not hold r.mu.
+func (w *checkWriter) snapshot(batch []*checkState, dequeue bool) []*pendingWrite {
+	w.r.mu.Lock()
+	defer w.r.mu.Unlock()
+	ops := make([]*pendingWrite, 0, len(batch))
+	seen := make(map[*checkState]bool, len(batch))
+	for _, st := range batch {
+		if dequeue {
+			st.queued = false
+		}
+		if st.removed || seen[st] {
+			continue
+		}
+		seen[st] = true
+		c := st.check
+		ops = append(ops, &pendingWrite{st: st, node: c.Node, ns: c.Namespace, partition: c.Partition,
+			checkID: c.CheckID, status: st.wantStatus, output: st.wantOutput})
+	}
+	return ops
+}
+
+// attempt reads, writes and records one batch. It returns the checks of a transaction that hit a
+// stale index and should be retried; on the last attempt such a transaction is reverted instead.
+func (w *checkWriter) attempt(ctx context.Context, ops []*pendingWrite, last bool) (retry []*checkState) {
+	w.readNodes(ctx, ops)
+	if w.afterRead != nil {
+		w.afterRead()
+	}
+
+	var txnOps api.TxnOps
+	var inTxn []*pendingWrite
+	for _, op := range ops {
+		switch {
+		case op.readErr != nil:
+			w.revert(op)
+		case op.fresh == nil:
+			// The check left the catalog; the next load stops it.
+			w.gone(op)
+		case op.fresh.Status == op.status && op.fresh.Output == op.output:
+			op.index = op.fresh.ModifyIndex
+			w.apply(op)
+		case !txnPreservesDefinition(&op.fresh.Definition):
+			op.viaRegister = true
+		default:
+			txnOps = append(txnOps, &api.TxnOp{Check: &api.CheckTxnOp{Verb: api.CheckCAS, Check: op.txnCheck()}})
+			inTxn = append(inTxn, op)
+		}
+	}
+
+	for _, op := range ops {
+		if op.viaRegister {
+			w.register(ctx, op)
+		}
+	}
+	if len(txnOps) == 0 {
+		return nil
+	}
+
+	metrics.IncrCounter(checkTxnKey, 1)
+	w.txns.Add(1)
+	if n := int64(len(txnOps)); n > w.maxOps.Load() {
+		w.maxOps.Store(n) // only the writer goroutine stores
+	}
+	ok, resp, _, err := w.r.agent.client.Txn().Txn(txnOps, w.r.agent.queryOptions(ctx))
+	switch {
+	case err != nil:
+		w.r.agent.status.failed(err)
+		w.r.logger.Warn("Error updating check status in Consul", "checks", len(inTxn), "error", err)
+		for _, op := range inTxn {
+			w.revert(op)
+		}
+		return nil
+	case !ok:
+		stale := false
+		if resp != nil {
+			for _, e := range resp.Errors {
+				if strings.Contains(e.What, "index is stale") {
+					stale = true
+				}
+			}
+		}
+		if stale && !last {
+			w.r.logger.Debug("Check changed in the catalog since it was read, retrying the batch", "checks", len(inTxn))
+			retry = make([]*checkState, len(inTxn))
+			for i, op := range inTxn {
+				retry[i] = op.st
+			}
+			return retry
+		}
+		w.r.logger.Warn("Error(s) returned from txn when updating check status in Consul", "checks", len(inTxn), "errors", txnErrors(resp))
+		for _, op := range inTxn {
+			w.revert(op)
+		}
+		return nil
+	}
+	w.r.agent.status.contact()
+	for i, op := range inTxn {
+		if resp != nil && i < len(resp.Results) && resp.Results[i] != nil && resp.Results[i].Check != nil &&
+			resp.Results[i].Check.CheckID == op.checkID {
+			op.index = resp.Results[i].Check.ModifyIndex
+		}
+		w.apply(op)
+	}
+	return nil
+}
+
+// readNodes does one consistent read per distinct node (and namespace/partition) of ops, a few in
+// parallel, and attaches each check's fresh copy (nil when gone) or the read error.
+func (w *checkWriter) readNodes(ctx context.Context, ops []*pendingWrite) {
+	groups := make(map[nodeRef][]*pendingWrite)
+	for _, op := range ops {
+		ref := nodeRef{op.node, op.ns, op.partition}
+		groups[ref] = append(groups[ref], op)
+	}
+	var wg sync.WaitGroup
+	sem := make(chan struct{}, nodeReadParallelism)
+	for ref, group := range groups {
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			checks, err := w.readNode(ctx, ref)
+			if err != nil && ctx.Err() == nil {
+				w.r.logger.Warn("Error retrieving existing node entry, reverting check updates for node",
+					"node", ref.node, "checks", len(group), "error", err)
+			}
+			for _, op := range group {
+				op.fresh, op.readErr = nil, err
+				for _, c := range checks {
+					if c.CheckID == op.checkID {
+						op.fresh = c
+						break
+					}
+				}
+			}
+		}()
+	}
+	wg.Wait()
+}
+
+func (w *checkWriter) readNode(ctx context.Context, ref nodeRef) ([]*catalogCheck, error) {
+	q := w.r.agent.queryOptions(ctx)
+	q.RequireConsistent = true
+	if ref.ns != "" {
+		q.Namespace = ref.ns
+	}
+	if ref.partition != "" {
+		q.Partition = ref.partition
+	}
+	var checks []*catalogCheck
+	if _, err := w.r.agent.client.Raw().Query("/v1/health/node/"+url.PathEscape(ref.node), &checks, q); err != nil {
+		return nil, fmt.Errorf("reading checks of node %q: %w", ref.node, err)
+	}
+	return checks, nil
+}
+
+// txnPreservesDefinition reports whether a CAS through /v1/txn keeps d intact. Consul's txn endpoint
+// copies only HTTP, TLSServerName, TLSSkipVerify, Header, Method, Body, TCP, TCPUseTLS, GRPC,
+// GRPCUseTLS, OSService, Interval, Timeout and DeregisterCriticalServiceAfter into the stored check;
+// writing any other definition through it would erase the rest.
+func txnPreservesDefinition(d *checkDefinition) bool {
+	return d.UDP == "" && d.H2PING == "" && !d.H2PingUseTLS && !d.DisableRedirects && d.OutputMaxSize == 0 &&
+		len(d.ScriptArgs) == 0 && d.DockerContainerID == "" && d.Shell == "" && d.AliasNode == "" &&
+		d.AliasService == "" && d.SessionName == "" && d.TTL == 0
+}
+
+// txnCheck is the fresh copy with our status and output, CAS-guarded by the ModifyIndex just read.
+func (op *pendingWrite) txnCheck() api.HealthCheck {
+	c := op.fresh
+	d := &c.Definition
+	return api.HealthCheck{
+		Node: c.Node, CheckID: c.CheckID, Name: c.Name, Status: op.status, Notes: c.Notes, Output: op.output,
+		ServiceID: c.ServiceID, ServiceName: c.ServiceName, ServiceTags: c.ServiceTags, Type: c.Type,
+		Namespace: c.Namespace, Partition: c.Partition, ExposedPort: c.ExposedPort, PeerName: c.PeerName,
+		Definition: api.HealthCheckDefinition{
+			HTTP: d.HTTP, Header: d.Header, Method: d.Method, Body: d.Body,
+			TLSServerName: d.TLSServerName, TLSSkipVerify: d.TLSSkipVerify,
+			TCP: d.TCP, TCPUseTLS: d.TCPUseTLS, GRPC: d.GRPC, GRPCUseTLS: d.GRPCUseTLS, OSService: d.OSService,
+			IntervalDuration:                       time.Duration(d.Interval),
+			TimeoutDuration:                        time.Duration(d.Timeout),
+			DeregisterCriticalServiceAfterDuration: time.Duration(d.DeregisterCriticalServiceAfter),
+		},
+		ModifyIndex: c.ModifyIndex,
+	}
+}
+
+// catalogRegistration is the body of /v1/catalog/register for a status write that must keep the
+// whole definition.
+type catalogRegistration struct {
+	Node           string
+	SkipNodeUpdate bool
+	Partition      string `json:",omitempty"`
+	Namespace      string `json:",omitempty"`
+	Check          *catalogRegisterCheck
+}
+
+type catalogRegisterCheck struct {
+	Node        string
+	CheckID     string
+	Name        string
+	Status      string
+	Notes       string `json:",omitempty"`
+	Output      string
+	ServiceID   string   `json:",omitempty"`
+	ServiceName string   `json:",omitempty"`
+	ServiceTags []string `json:",omitempty"`
+	Type        string   `json:",omitempty"`
+	Namespace   string   `json:",omitempty"`
+	Partition   string   `json:",omitempty"`
+	ExposedPort int      `json:",omitempty"`
+	Definition  checkDefinition
+}
+
+// register writes a check whose definition the txn endpoint would mangle (UDP, H2PING,
+// DisableRedirects, OutputMaxSize) through /v1/catalog/register, which stores the full definition.
+// The register endpoint has no CAS, so this is guarded only by the consistent read just before it:
+// an edit landing in the few milliseconds between that read and this write is overwritten (and
+// a node deleted in that window would be re-created without an address). Checks of every other type
+// keep the real CAS.
+func (w *checkWriter) register(ctx context.Context, op *pendingWrite) {
+	c := op.fresh
+	body := &catalogRegistration{
+		Node: c.Node, SkipNodeUpdate: true, Partition: c.Partition, Namespace: c.Namespace,
+		Check: &catalogRegisterCheck{
+			Node: c.Node, CheckID: c.CheckID, Name: c.Name, Status: op.status, Notes: c.Notes, Output: op.output,
+			ServiceID: c.ServiceID, ServiceName: c.ServiceName, ServiceTags: c.ServiceTags, Type: c.Type,
+			Namespace: c.Namespace, Partition: c.Partition, ExposedPort: c.ExposedPort, Definition: c.Definition,
+		},
+	}
+	wo := w.r.agent.writeOptions(ctx)
+	if c.Partition != "" {
+		wo.Partition = c.Partition
+	}
+	if c.Namespace != "" {
+		wo.Namespace = c.Namespace
+	}
+	if _, err := w.r.agent.client.Raw().Write("/v1/catalog/register", body, nil, wo); err != nil {
+		w.r.agent.status.failed(err)
+		w.r.logger.Warn("Error updating check status in Consul", "checkID", c.CheckID, "node", c.Node, "error", err)
+		w.revert(op)
+		return
+	}
+	w.r.agent.status.contact()
+	// The register endpoint does not return the new ModifyIndex; the next load brings it.
+	op.index = c.ModifyIndex
+	w.apply(op)
+}
+
+// apply records a confirmed catalog state (written by us, or already there).
+func (w *checkWriter) apply(op *pendingWrite) {
+	r := w.r
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	st := op.st
+	if st.removed {
+		return
+	}
+	old := op.fresh.Status
+	c := *op.fresh
+	c.Status, c.Output = op.status, op.output
+	if op.index > 0 {
+		c.ModifyIndex = op.index
+	}
+	if c.ModifyIndex < st.check.ModifyIndex {
+		c.ModifyIndex = st.check.ModifyIndex
+	}
+	st.check = &c
+	if c.Status == statusCritical {
+		if st.criticalSince.IsZero() {
+			st.criticalSince = time.Now()
+		}
+	} else {
+		st.criticalSince = time.Time{}
+	}
+	if old != op.status || op.fresh.Output != op.output {
+		r.logger.Debug("Updated check status in catalog", "checkID", c.CheckID, "node", c.Node, "old", old, "new", op.status)
+	}
+}
+
+// revert gives up on a write: the wanted state falls back to the catalog's, so the next result is
+// judged against what Consul really says. The counter is left one result short of the threshold
+// and the next output is written at once, so a lasting change is retried on the very next result.
+func (w *checkWriter) revert(op *pendingWrite) {
+	metrics.IncrCounter(writeFailuresKey, 1)
+	w.failures.Add(1)
+	r := w.r
+	set := r.settings.Load()
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	st := op.st
+	if st.removed || st.wantStatus != op.status || st.wantOutput != op.output {
+		return // superseded by a newer result, which is queued already
+	}
+	st.wantStatus, st.wantOutput = st.check.Status, st.check.Output
+	st.counter = 0
+	if (op.status == statusCritical) != (st.check.Status == statusCritical) {
+		st.counter = set.thresholdFor(op.status)
+	}
+	st.fresh = true
+}
+
+// gone handles a check missing from the consistent read: nothing to write, and the wanted state
+// falls back so nothing is retried until the next load removes the check.
+func (w *checkWriter) gone(op *pendingWrite) {
+	r := w.r
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	st := op.st
+	if st.removed || st.wantStatus != op.status || st.wantOutput != op.output {
+		return
+	}
+	r.logger.Debug("Check no longer in the catalog, not writing its status", "checkID", op.checkID, "node", op.node)
+	st.wantStatus, st.wantOutput = st.check.Status, st.check.Output
+}
+
+// deferEntry is a deferred output write; n must still equal st.deferN when it comes due.
+type deferEntry struct {
+	at time.Time
+	st *checkState
+	n  uint64
+}
+
+type deferHeap []deferEntry
+
+func (h deferHeap) Len() int           { return len(h) }
+func (h deferHeap) Less(i, j int) bool { return h[i].at.Before(h[j].at) }
+func (h deferHeap) Swap(i, j int)      { h[i], h[j] = h[j], h[i] }
+func (h *deferHeap) Push(x any)        { *h = append(*h, x.(deferEntry)) }
+func (h *deferHeap) Pop() any {
+	old := *h
+	n := len(old)
+	e := old[n-1]
+	old[n-1] = deferEntry{}
+	*h = old[:n-1]
+	return e
+}
