@@ -265,7 +265,7 @@ func (p *prober) transport(k tlsKey) *http.Transport {
 		DialContext:           (&net.Dialer{Timeout: 30 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
 		TLSClientConfig:       base,
 		ForceAttemptHTTP2:     true,
-		MaxIdleConns:          1024,
+		MaxIdleConns:          0, // no total cap: per host is the bound that matters, and a total cap below hosts x per-host makes busy transports reopen connections
 		MaxIdleConnsPerHost:   32,
 		IdleConnTimeout:       90 * time.Second,
 		TLSHandshakeTimeout:   10 * time.Second,
@@ -401,6 +401,33 @@ func readTail(body io.ReadCloser, max int) string {
 type tailBuffer struct {
 	buf []byte
 	max int
+}
+
+// ReadFrom reads straight into the tail buffer, so a run costs one small buffer instead of io.Copy's
+// 32 KiB scratch buffer plus the copies; with thousands of checks per second that garbage showed up
+// as a large share of the runner's CPU.
+func (t *tailBuffer) ReadFrom(r io.Reader) (int64, error) {
+	if t.buf == nil {
+		t.buf = make([]byte, 0, max(2*t.max, 512))
+	}
+	var total int64
+	for {
+		if len(t.buf) == cap(t.buf) {
+			t.buf = t.buf[:copy(t.buf, t.buf[len(t.buf)-min(t.max, len(t.buf)):])]
+		}
+		n, err := r.Read(t.buf[len(t.buf):cap(t.buf)])
+		t.buf = t.buf[:len(t.buf)+n]
+		total += int64(n)
+		if err != nil {
+			if len(t.buf) > t.max {
+				t.buf = t.buf[len(t.buf)-t.max:]
+			}
+			if err == io.EOF {
+				err = nil
+			}
+			return total, err
+		}
+	}
 }
 
 func (t *tailBuffer) Write(p []byte) (int, error) {

@@ -62,7 +62,7 @@ var esmMetrics = []metricDef{
 	{key: []string{"esm", "agents", "healthy"}, kind: gaugeMetric, help: "Number of healthy ESM instances the leader distributes work to (0 on non-leaders)."},
 	{key: []string{"esm", "nodes", "monitored"}, kind: gaugeMetric, help: "Number of external nodes whose checks this instance runs."},
 	{key: []string{"esm", "services", "monitored"}, kind: gaugeMetric, help: "Number of distinct node/service pairs among the checks this instance runs."},
-	{key: []string{"esm", "checks", "fetch_and_update", "duration"}, kind: summaryMetric, help: "Time in ms to fetch the assigned health checks and update the running set."},
+	{key: []string{"esm", "checks", "fetch_and_update", "duration"}, kind: summaryMetric, help: "Time in ms to decode the assigned health checks and update the running set, once the blocking query returned (its wait is not counted)."},
 
 	{key: []string{"esm", "checks", "count"}, kind: gaugeMetric, help: "Number of health checks this instance runs."},
 	{key: []string{"esm", "checks", "healthy"}, kind: gaugeMetric, help: "Number of health checks run by this instance that are passing."},
