@@ -218,3 +218,48 @@ func TestPartitionAndNamespaceOnEveryRequest(t *testing.T) {
 		}
 	}
 }
+
+func TestStaleReadNodes(t *testing.T) {
+	for _, stale := range []bool{false, true} {
+		t.Run(fmt.Sprintf("stale=%v", stale), func(t *testing.T) {
+			target := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}))
+			t.Cleanup(target.Close)
+			fake := newFakeEnterpriseConsul(t, target.URL)
+			cfg := DefaultConfig()
+			cfg.HTTPAddr = fake.Listener.Addr().String()
+			cfg.InstanceID = "inst"
+			cfg.StaleReadNodes = stale
+			cfg.TTLRefreshInterval, cfg.RetryInterval, cfg.QueryWaitTime = 200*time.Millisecond, 200*time.Millisecond, time.Second
+			fake.mu.Lock()
+			fake.kv["registered/consul-esm:inst"] = nil
+			fake.mu.Unlock()
+			ra := startAgent(t, cfg)
+			waitFor(t, 15*time.Second, func() error {
+				fake.mu.Lock()
+				defer fake.mu.Unlock()
+				nodes, health := false, false
+				for _, u := range fake.requests {
+					nodes = nodes || u.Path == "/v1/catalog/nodes"
+					health = health || u.Path == "/v1/health/state/any"
+				}
+				if !nodes || !health {
+					return errNotYet
+				}
+				return nil
+			})
+			if err := ra.stop(t); err != nil {
+				t.Fatal(err)
+			}
+			fake.mu.Lock()
+			defer fake.mu.Unlock()
+			for _, u := range fake.requests {
+				if u.Path != "/v1/catalog/nodes" && u.Path != "/v1/health/state/any" {
+					continue
+				}
+				if u.Query().Has("stale") != stale {
+					t.Errorf("%s?%s: stale=%v expected", u.Path, u.RawQuery, stale)
+				}
+			}
+		})
+	}
+}
