@@ -2,7 +2,10 @@ package main
 
 import (
 	"fmt"
+	"net/http"
+	"net/http/httptest"
 	"slices"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -107,10 +110,48 @@ func TestAgentlessTwoInstancesShareWork(t *testing.T) {
 	for i, n := range nodes {
 		registerExternalNode(t, srv.Client, n, i == 1)
 	}
+	var healthy atomic.Bool
+	healthy.Store(true)
+	target := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !healthy.Load() {
+			w.WriteHeader(http.StatusInternalServerError)
+		}
+	}))
+	t.Cleanup(target.Close)
+	for _, n := range nodes {
+		_, err := srv.Client.Catalog().Register(&api.CatalogRegistration{
+			Node: n, Address: "127.0.0.1", SkipNodeUpdate: true,
+			Check: &api.AgentCheck{Node: n, CheckID: n + "-http", Name: "http",
+				Definition: api.HealthCheckDefinition{HTTP: target.URL, IntervalDuration: 200 * time.Millisecond, TimeoutDuration: time.Second}},
+		}, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	allChecks := func(want string) func() error {
+		return func() error {
+			for _, n := range nodes {
+				checks, _, err := srv.Client.Health().Node(n, nil)
+				if err != nil {
+					return err
+				}
+				for _, c := range checks {
+					if c.CheckID == n+"-http" && c.Status != want {
+						return fmt.Errorf("%s is %s, want %s", c.CheckID, c.Status, want)
+					}
+				}
+			}
+			return nil
+		}
+	}
 	first := startAgent(t, agentlessConfig(srv))
 	second := startAgent(t, agentlessConfig(srv))
 	agents := []*runningAgent{first, second}
 	waitAssigned(t, srv.Client, agents, nodes)
+	// Check writes work in agentless mode (batched by batch_flush_interval).
+	waitFor(t, 15*time.Second, allChecks(api.HealthPassing))
+	healthy.Store(false)
+	waitFor(t, 15*time.Second, allChecks(api.HealthCritical))
 	if l := leaders(agents); len(l) != 1 {
 		t.Fatalf("%d leaders", len(l))
 	}
