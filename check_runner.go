@@ -118,10 +118,6 @@ type CheckRunner struct {
 	sched  *checkScheduler
 	writer *checkWriter
 
-	entMu    sync.Mutex
-	entKnown bool
-	entNS    string // "*" on Consul Enterprise
-
 	limitsMu sync.Mutex
 	limits   map[string]*targetLimit // by probe target, while any running check uses it
 
@@ -449,7 +445,7 @@ func (r *CheckRunner) fetchChecks(ctx context.Context, nodes []string, idx uint6
 	q.WaitIndex, q.WaitTime = idx, cfg.QueryWaitTime
 	q.NodeMeta = cfg.NodeMeta
 	q.AllowStale = cfg.StaleReadNodes
-	if ns := r.namespaceWildcard(ctx); ns != "" {
+	if ns := r.namespaceWildcard(); ns != "" {
 		r.logger.Debug("checking for services in all namespaces")
 		q.Namespace = ns
 	}
@@ -501,30 +497,13 @@ func nodeFilterExpr(nodes []string) (string, bool) {
 	return s, true
 }
 
-// namespaceWildcard returns "*" on Consul Enterprise, so one query covers every namespace, and ""
-// on CE, which rejects namespaces. The answer is cached once known; a failed detection is retried
-// on the next load.
-func (r *CheckRunner) namespaceWildcard(ctx context.Context) string {
-	r.entMu.Lock()
-	defer r.entMu.Unlock()
-	if r.entKnown {
-		return r.entNS
+// namespaceWildcard returns "*" on Consul Enterprise (detected at startup from the agent's version),
+// so one query covers every namespace, and "" on CE, which rejects namespaces.
+func (r *CheckRunner) namespaceWildcard() string {
+	if r.agent.enterprise.Load() {
+		return "*"
 	}
-	var self struct{ Config struct{ Version string } }
-	if _, err := r.agent.client.Raw().Query("/v1/agent/self", &self, (&api.QueryOptions{}).WithContext(ctx)); err != nil {
-		if ctx.Err() == nil {
-			r.logger.Warn("Error fetching agent info for enterprise detection, will retry", "error", err)
-		}
-		return ""
-	}
-	r.entKnown = true
-	if strings.Contains(self.Config.Version, "+ent") {
-		r.entNS = "*"
-		r.logger.Debug("Consul Enterprise detected, using wildcard namespace for health checks")
-	} else {
-		r.logger.Debug("Consul CE detected, using default namespace for health checks")
-	}
-	return r.entNS
+	return ""
 }
 
 // ---------------------------------------------------------------------------------------------
