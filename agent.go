@@ -40,6 +40,7 @@ type Agent struct {
 	cfg   *Config
 
 	client     *api.Client
+	consulHTTP *http.Client // underneath client; Run closes its idle connections when it returns
 	consulAddr string
 	serviceID  string
 	ttlCheckID string
@@ -78,7 +79,7 @@ func NewAgent(cfg *Config, logger hclog.Logger, opts AgentOptions) (*Agent, erro
 		}
 		cfg.InstanceID = id
 	}
-	client, err := newConsulClient(cfg)
+	client, httpClient, err := newConsulClientHTTP(cfg)
 	if err != nil {
 		return nil, err
 	}
@@ -87,6 +88,7 @@ func NewAgent(cfg *Config, logger hclog.Logger, opts AgentOptions) (*Agent, erro
 		opts:       opts,
 		cfg:        cfg,
 		client:     client,
+		consulHTTP: httpClient,
 		consulAddr: cfg.APIConfig().Address,
 		serviceID:  cfg.Service + ":" + cfg.InstanceID,
 		status:     newAgentStatus(),
@@ -107,18 +109,24 @@ func NewAgent(cfg *Config, logger hclog.Logger, opts AgentOptions) (*Agent, erro
 // newConsulClient builds the API client. The ACL token travels as a client header rather than in the
 // client config so SIGHUP can rotate it without rebuilding the client.
 func newConsulClient(cfg *Config) (*api.Client, error) {
+	client, _, err := newConsulClientHTTP(cfg)
+	return client, err
+}
+
+// newConsulClientHTTP is newConsulClient that also returns the HTTP client the API client uses.
+func newConsulClientHTTP(cfg *Config) (*api.Client, *http.Client, error) {
 	token, err := resolveToken(cfg)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	conf := cfg.APIConfig()
 	conf.Token, conf.TokenFile = "", ""
-	client, err := api.NewClient(conf)
+	client, err := api.NewClient(conf) // sets conf.HttpClient to the client it uses
 	if err != nil {
-		return nil, fmt.Errorf("creating Consul API client for %q: %w", conf.Address, err)
+		return nil, nil, fmt.Errorf("creating Consul API client for %q: %w", conf.Address, err)
 	}
 	setClientToken(client, token)
-	return client, nil
+	return client, conf.HttpClient, nil
 }
 
 func setClientToken(client *api.Client, token string) {
@@ -154,6 +162,9 @@ func (a *Agent) shutdownContext() context.Context {
 // leadership released, service deregistered. It returns an error only for fatal startup problems.
 func (a *Agent) Run(ctx context.Context) error {
 	defer a.telemetry.Close()
+	// Every request has returned by then; idle keep-alive connections (and their two goroutines
+	// each) would otherwise outlive Run until the transport's idle timeout.
+	defer a.consulHTTP.CloseIdleConnections()
 	a.logger.Info("Connecting to Consul", "address", a.consulAddr)
 	metrics.SetGauge([]string{"esm", "agent", "isLeader"}, 0)
 

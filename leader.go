@@ -83,11 +83,14 @@ func (a *Agent) createLeaderSession(ctx context.Context) (string, error) {
 
 // leaderTerm holds the session alive, acquires the lock and leads until the term ends.
 func (a *Agent) leaderTerm(ctx context.Context, sess string) error {
+	// Deferred calls run last-in first-out: the term's goroutines are cancelled first and then
+	// waited for. The other order waits forever whenever the term ends while ctx is still alive
+	// (session invalidated, lock lost), leaving leader work running without the lock.
+	var wg sync.WaitGroup
+	defer wg.Wait()
 	termCtx, cancel := context.WithCancel(ctx)
 	defer cancel()
 
-	var wg sync.WaitGroup
-	defer wg.Wait()
 	renewErr := make(chan error, 1)
 	wg.Add(1)
 	go func() {
