@@ -29,6 +29,27 @@ consul:
 test: consul
 	$(GO) test -race -timeout $(TEST_TIMEOUT) $(TESTARGS) ./...
 
+# A throwaway Consul dev agent, a sample service and consul-esm, all on 127.0.0.1, with a live table of
+# the checks turning passing, then critical; Ctrl-C stops everything and cleans up. DEMOARGS passes
+# flags (e.g. DEMOARGS=-non-interactive for plain lines that end when the scenario is done, or -keep,
+# -probe; see `go run ./examples/demo -h`).
+DEMOARGS    ?=
+demo: build consul
+	$(GO) run ./examples/demo -consul "$$(command -v consul)" -esm $(BIN)/consul-esm $(DEMOARGS)
+
+# Load benchmark of bin/consul-esm against a fresh dev Consul per run (see README "Benchmark").
+# BENCH_ARGS passes flags, e.g. BENCH_ARGS="-size 10k -json bench/results/10k.json" or
+# BENCH_ARGS="-compare /path/to/original/consul-esm"; `go run ./bench -h` lists them all.
+BENCH_ARGS  ?= -size 1k
+bench: build consul
+	$(GO) run ./bench -consul "$$(command -v consul)" -esm $(BIN)/consul-esm $(BENCH_ARGS)
+
+# Soak test (not part of `make test`): the consul-esm binary with 10k HTTP checks against a dev Consul
+# for 10 minutes, sampled every 30s (RSS, heap, goroutines, CPU, missed intervals, unwritten changes)
+# and printed as a table. ESM_SOAK_DURATION=3m (a Go duration) shortens or lengthens it.
+soak: consul
+	ESM_SOAK=1 $(GO) test -count=1 -v -run '^TestSoak$$' -timeout 20m .
+
 lint:
 	$(GO) vet ./...
 	@out="$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go'))"; \
