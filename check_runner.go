@@ -762,12 +762,38 @@ func thresholdStep(counter int, current, result string, passingThreshold, critic
 	return counter, false
 }
 
-// thresholdFor is the threshold guarding a move to status.
-func (s *runnerSettings) thresholdFor(status string) int {
-	if status == statusCritical {
-		return s.criticalThreshold
+// thresholds are the anti-flapping thresholds that apply to one check.
+type thresholds struct {
+	passing, critical int
+	warning           int // -1: no warning step
+}
+
+// thresholdsFor returns the global thresholds, overridden by the check's own SuccessBeforePassing /
+// FailuresBeforeCritical / FailuresBeforeWarning when its definition sets them.
+func (s *runnerSettings) thresholdsFor(d *checkDefinition) thresholds {
+	th := thresholds{passing: s.passingThreshold, critical: s.criticalThreshold, warning: -1}
+	if d.SuccessBeforePassing > 0 {
+		th.passing = d.SuccessBeforePassing
 	}
-	return s.passingThreshold
+	if d.FailuresBeforeCritical > 0 {
+		th.critical = d.FailuresBeforeCritical
+	}
+	if d.FailuresBeforeWarning > 0 && d.FailuresBeforeWarning < th.critical {
+		th.warning = d.FailuresBeforeWarning
+	}
+	return th
+}
+
+func (th thresholds) forStatus(status string) int {
+	if status == statusCritical {
+		return th.critical
+	}
+	return th.passing
+}
+
+// warnsFirst reports whether a held-back critical result should turn a passing check warning.
+func (th thresholds) warnsFirst(current, result string, counter int) bool {
+	return th.warning >= 0 && result == statusCritical && current == statusPassing && counter > th.warning
 }
 
 // handleResult decides what a result means for the catalog: a status change (past the threshold) is
@@ -781,12 +807,21 @@ func (r *CheckRunner) handleResult(t *checkTask, status, output string) {
 	if st.task != t || st.removed {
 		return // restarted or stopped meanwhile
 	}
-	counter, change := thresholdStep(st.counter, st.wantStatus, status, set.passingThreshold, set.criticalThreshold)
+	th := set.thresholdsFor(&st.def)
+	counter, change := thresholdStep(st.counter, st.wantStatus, status, th.passing, th.critical)
 	st.counter = counter
 	if status != st.wantStatus {
+		if !change && th.warnsFirst(st.wantStatus, status, counter) {
+			// FailuresBeforeWarning reached while FailuresBeforeCritical is not: the check shows
+			// warning meanwhile; the counter carries on towards critical.
+			st.wantStatus, st.wantOutput = statusWarning, output
+			st.fresh = false
+			r.writer.enqueue(st)
+			return
+		}
 		if !change {
 			r.logger.Debug("Check status change held back by threshold", "checkHash", st.key,
-				"status", status, "current", st.wantStatus, "counter", counter, "threshold", set.thresholdFor(status))
+				"status", status, "current", st.wantStatus, "counter", counter, "threshold", th.forStatus(status))
 			return
 		}
 		st.wantStatus, st.wantOutput = status, output

@@ -566,7 +566,7 @@ func (w *checkWriter) revert(op *pendingWrite) {
 	st.wantStatus, st.wantOutput = st.check.Status, st.check.Output
 	st.counter = 0
 	if (op.status == statusCritical) != (st.check.Status == statusCritical) {
-		st.counter = set.thresholdFor(op.status)
+		st.counter = set.thresholdsFor(&st.def).forStatus(op.status)
 	}
 	st.fresh = true
 }

@@ -133,6 +133,14 @@ type checkDefinition struct {
 	AliasService      string        `json:",omitempty"`
 	SessionName       string        `json:",omitempty"`
 	TTL               durationField `json:",omitempty"`
+
+	// Per-check anti-flapping thresholds, named as in Consul's check definitions. Consul 1.22's
+	// catalog does not store them (they exist only in agent check definitions), so today they
+	// arrive only from a catalog or proxy that keeps them; when present they override
+	// passing_threshold/critical_threshold for this check.
+	SuccessBeforePassing   int `json:",omitempty"`
+	FailuresBeforeWarning  int `json:",omitempty"`
+	FailuresBeforeCritical int `json:",omitempty"`
 }
 
 // kind returns the probe type for a definition ESM can run, or "" and the reason it cannot.
