@@ -31,7 +31,15 @@ func (a *Agent) leaderKey() string { return a.kvPath() + "leader" }
 // peer takes over without waiting out the session TTL.
 func (a *Agent) leaderLoop(ctx context.Context) {
 	b := newBackoff(time.Second, a.config().RetryInterval)
+	// abandoned is a session whose release failed (Consul unreachable when the term ended). Until it
+	// is destroyed it may still hold the lock, keeping every instance from leading until it expires.
+	var abandoned string
 	for ctx.Err() == nil {
+		if abandoned != "" {
+			if _, err := a.client.Session().Destroy(abandoned, a.writeOptions(ctx)); err == nil {
+				abandoned = ""
+			}
+		}
 		a.logger.Info("Trying to obtain leadership...")
 		sess, err := a.createLeaderSession(ctx)
 		if err != nil {
@@ -43,7 +51,9 @@ func (a *Agent) leaderLoop(ctx context.Context) {
 			continue
 		}
 		err = a.leaderTerm(ctx, sess)
-		a.releaseLeaderLock(ctx, sess)
+		if !a.releaseLeaderLock(ctx, sess) {
+			abandoned = sess
+		}
 		switch {
 		case ctx.Err() != nil:
 			return
@@ -258,12 +268,13 @@ func (a *Agent) monitorLock(ctx context.Context, sess string) error {
 	}
 }
 
-// releaseLeaderLock releases the key and destroys the session so a peer can take over at once.
-func (a *Agent) releaseLeaderLock(ctx context.Context, sess string) {
+// releaseLeaderLock releases the key and destroys the session so a peer can take over at once. It
+// reports whether the session is gone.
+func (a *Agent) releaseLeaderLock(ctx context.Context, sess string) bool {
 	cctx := ctx
 	if ctx.Err() != nil {
 		if a.opts.crashOnStop {
-			return
+			return true
 		}
 		cctx = a.shutdownContext()
 	} else {
@@ -277,7 +288,9 @@ func (a *Agent) releaseLeaderLock(ctx context.Context, sess string) {
 	}
 	if _, err := a.client.Session().Destroy(sess, a.writeOptions(cctx)); err != nil {
 		a.logger.Debug("Destroying leader session failed", "error", err)
+		return false
 	}
+	return true
 }
 
 // leaderWork keeps <kv>agents/ in line with the external nodes and the healthy instances until ctx
