@@ -322,9 +322,6 @@ func (a *Agent) Reload() {
 	a.reloadConfig()
 }
 
-// errStopped reports that a loop ended because its context was cancelled.
-var errStopped = errors.New("stopped")
-
 // sleepCtx waits for d or until ctx ends; it reports whether the full wait elapsed.
 func sleepCtx(ctx context.Context, d time.Duration) bool {
 	t := time.NewTimer(d)
