@@ -2,12 +2,9 @@ package main
 
 import (
 	"fmt"
-	"net/http"
-	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -61,23 +58,8 @@ func TestACLMinimalPolicyAndTokenRotation(t *testing.T) {
 		return tok.SecretID
 	}
 
-	var healthy atomic.Bool
-	healthy.Store(true)
-	target := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if !healthy.Load() {
-			w.WriteHeader(http.StatusInternalServerError)
-		}
-	}))
-	t.Cleanup(target.Close)
-	_, err = root.Catalog().Register(&api.CatalogRegistration{
-		Node: "acl-ext", Address: "127.0.0.1", NodeMeta: map[string]string{"external-node": "true"},
-		Service: &api.AgentService{ID: "web", Service: "web"},
-		Check: &api.AgentCheck{Node: "acl-ext", CheckID: "web-http", Name: "web", ServiceID: "web",
-			Definition: api.HealthCheckDefinition{HTTP: target.URL, IntervalDuration: 300 * time.Millisecond, TimeoutDuration: time.Second}},
-	}, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	target := newFlipTarget(t)
+	registerHTTPCheck(t, root, "acl-ext", "web", "web-http", target.URL, 300*time.Millisecond)
 	checkStatus := func() string {
 		checks, _, err := root.Health().Checks("web", nil)
 		if err != nil || len(checks) == 0 {
@@ -144,7 +126,7 @@ func TestACLMinimalPolicyAndTokenRotation(t *testing.T) {
 		}
 		return nil
 	})
-	healthy.Store(false)
+	target.healthy.Store(false)
 	waitFor(t, 15*time.Second, func() error {
 		if s := checkStatus(); s != api.HealthCritical {
 			return fmt.Errorf("check %q after the token rotation", s)

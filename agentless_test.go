@@ -2,10 +2,7 @@ package main
 
 import (
 	"fmt"
-	"net/http"
-	"net/http/httptest"
 	"slices"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -110,23 +107,9 @@ func TestAgentlessTwoInstancesShareWork(t *testing.T) {
 	for i, n := range nodes {
 		registerExternalNode(t, srv.Client, n, i == 1)
 	}
-	var healthy atomic.Bool
-	healthy.Store(true)
-	target := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if !healthy.Load() {
-			w.WriteHeader(http.StatusInternalServerError)
-		}
-	}))
-	t.Cleanup(target.Close)
+	target := newFlipTarget(t)
 	for _, n := range nodes {
-		_, err := srv.Client.Catalog().Register(&api.CatalogRegistration{
-			Node: n, Address: "127.0.0.1", SkipNodeUpdate: true,
-			Check: &api.AgentCheck{Node: n, CheckID: n + "-http", Name: "http",
-				Definition: api.HealthCheckDefinition{HTTP: target.URL, IntervalDuration: 200 * time.Millisecond, TimeoutDuration: time.Second}},
-		}, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
+		registerHTTPCheck(t, srv.Client, n, "", n+"-http", target.URL, 200*time.Millisecond)
 	}
 	allChecks := func(want string) func() error {
 		return func() error {
@@ -150,7 +133,7 @@ func TestAgentlessTwoInstancesShareWork(t *testing.T) {
 	waitAssigned(t, srv.Client, agents, nodes)
 	// Check writes work in agentless mode (batched by batch_flush_interval).
 	waitFor(t, 15*time.Second, allChecks(api.HealthPassing))
-	healthy.Store(false)
+	target.healthy.Store(false)
 	waitFor(t, 15*time.Second, allChecks(api.HealthCritical))
 	if l := leaders(agents); len(l) != 1 {
 		t.Fatalf("%d leaders", len(l))

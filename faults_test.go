@@ -92,23 +92,9 @@ func TestConsulFaults(t *testing.T) {
 	srv := newTestConsul(t)
 	proxy := newFaultProxy(t, srv.HTTPAddr)
 
-	var healthy atomic.Bool
-	healthy.Store(true)
-	target := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if !healthy.Load() {
-			w.WriteHeader(http.StatusServiceUnavailable)
-		}
-	}))
-	t.Cleanup(target.Close)
-	_, err := srv.Client.Catalog().Register(&api.CatalogRegistration{
-		Node: "fault-ext", Address: "127.0.0.1", NodeMeta: map[string]string{"external-node": "true"},
-		Service: &api.AgentService{ID: "svc", Service: "svc"},
-		Check: &api.AgentCheck{Node: "fault-ext", CheckID: "svc-http", Name: "svc", ServiceID: "svc",
-			Definition: api.HealthCheckDefinition{HTTP: target.URL, IntervalDuration: 200 * time.Millisecond, TimeoutDuration: time.Second}},
-	}, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	target := newFlipTarget(t)
+	healthy := &target.healthy
+	registerHTTPCheck(t, srv.Client, "fault-ext", "svc", "svc-http", target.URL, 200*time.Millisecond)
 	status := func() string {
 		checks, _, err := srv.Client.Health().Checks("svc", nil)
 		if err != nil || len(checks) == 0 {

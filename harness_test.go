@@ -4,9 +4,12 @@ import (
 	"context"
 	"errors"
 	"io"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -162,5 +165,41 @@ func TestHarnessConsulSmoke(t *testing.T) {
 	pair, _, err := client.KV().Get("smoke", nil)
 	if err != nil || pair == nil || string(pair.Value) != "ok" {
 		t.Fatalf("KV get = %+v, %v", pair, err)
+	}
+}
+
+// flipTarget is an HTTP health target on 127.0.0.1 that answers 200 while healthy and 500 otherwise.
+type flipTarget struct {
+	*httptest.Server
+	healthy atomic.Bool
+}
+
+func newFlipTarget(t testing.TB) *flipTarget {
+	t.Helper()
+	ft := &flipTarget{}
+	ft.healthy.Store(true)
+	ft.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !ft.healthy.Load() {
+			w.WriteHeader(http.StatusInternalServerError)
+		}
+	}))
+	t.Cleanup(ft.Close)
+	return ft
+}
+
+// registerHTTPCheck adds an HTTP check (and, with serviceID, its service) to an external node,
+// creating the node when it does not exist and leaving its meta alone when it does.
+func registerHTTPCheck(t testing.TB, c *api.Client, node, serviceID, checkID, url string, interval time.Duration) {
+	t.Helper()
+	reg := &api.CatalogRegistration{
+		Node: node, Address: "127.0.0.1", NodeMeta: map[string]string{"external-node": "true"}, SkipNodeUpdate: true,
+		Check: &api.AgentCheck{Node: node, CheckID: checkID, Name: checkID, ServiceID: serviceID,
+			Definition: api.HealthCheckDefinition{HTTP: url, IntervalDuration: interval, TimeoutDuration: time.Second}},
+	}
+	if serviceID != "" {
+		reg.Service = &api.AgentService{ID: serviceID, Service: serviceID}
+	}
+	if _, err := c.Catalog().Register(reg, nil); err != nil {
+		t.Fatalf("registering check %s on %s: %v", checkID, node, err)
 	}
 }
