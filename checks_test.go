@@ -712,6 +712,7 @@ func TestCheckDefinitionJSONRoundTrip(t *testing.T) {
 		DeregisterCriticalServiceAfter: durationField(time.Hour), OutputMaxSize: 100,
 		ScriptArgs: []string{"/bin/true", "-v"}, DockerContainerID: "c", Shell: "/bin/sh",
 		AliasNode: "n", AliasService: "s", SessionName: "sess", TTL: durationField(30 * time.Second),
+		SuccessBeforePassing: 2, FailuresBeforeWarning: 1, FailuresBeforeCritical: 3,
 	}
 	// Every field must be set, so a field added without a JSON mapping is caught here.
 	v := reflect.ValueOf(full)
