@@ -170,22 +170,28 @@ func (f *fakeEnterpriseConsul) serveTxn(w http.ResponseWriter, r *http.Request) 
 	_ = json.NewEncoder(w).Encode(map[string]any{"Results": results})
 }
 
-func TestPartitionAndNamespaceOnEveryRequest(t *testing.T) {
+// startAgainstFake runs an agent (instance "inst", short timings, mutate applied) against a fake
+// Consul Enterprise whose only check points at a passing local target.
+func startAgainstFake(t *testing.T, mutate func(*Config)) (*fakeEnterpriseConsul, *runningAgent) {
+	t.Helper()
 	target := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}))
 	t.Cleanup(target.Close)
 	fake := newFakeEnterpriseConsul(t, target.URL)
-
 	cfg := DefaultConfig()
 	cfg.HTTPAddr = fake.Listener.Addr().String()
-	cfg.Partition = "team-a"
 	cfg.InstanceID = "inst"
 	cfg.TTLRefreshInterval, cfg.RetryInterval, cfg.QueryWaitTime = 200*time.Millisecond, 200*time.Millisecond, time.Second
 	cfg.CheckUpdateInterval = 0
+	mutate(cfg)
 	// The fake's instance watch lists whoever "registered": mark ourselves healthy.
 	fake.mu.Lock()
 	fake.kv["registered/consul-esm:inst"] = nil
 	fake.mu.Unlock()
-	ra := startAgent(t, cfg)
+	return fake, startAgent(t, cfg)
+}
+
+func TestPartitionAndNamespaceOnEveryRequest(t *testing.T) {
+	fake, ra := startAgainstFake(t, func(cfg *Config) { cfg.Partition = "team-a" })
 
 	// The check (critical in the fake catalog, passing at the target) gets written with its namespace.
 	waitFor(t, 15*time.Second, func() error {
@@ -222,18 +228,7 @@ func TestPartitionAndNamespaceOnEveryRequest(t *testing.T) {
 func TestStaleReadNodes(t *testing.T) {
 	for _, stale := range []bool{false, true} {
 		t.Run(fmt.Sprintf("stale=%v", stale), func(t *testing.T) {
-			target := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}))
-			t.Cleanup(target.Close)
-			fake := newFakeEnterpriseConsul(t, target.URL)
-			cfg := DefaultConfig()
-			cfg.HTTPAddr = fake.Listener.Addr().String()
-			cfg.InstanceID = "inst"
-			cfg.StaleReadNodes = stale
-			cfg.TTLRefreshInterval, cfg.RetryInterval, cfg.QueryWaitTime = 200*time.Millisecond, 200*time.Millisecond, time.Second
-			fake.mu.Lock()
-			fake.kv["registered/consul-esm:inst"] = nil
-			fake.mu.Unlock()
-			ra := startAgent(t, cfg)
+			fake, ra := startAgainstFake(t, func(cfg *Config) { cfg.StaleReadNodes = stale })
 			waitFor(t, 15*time.Second, func() error {
 				fake.mu.Lock()
 				defer fake.mu.Unlock()
