@@ -14,6 +14,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/net/http2"
@@ -187,7 +188,8 @@ type tlsKey struct {
 
 // prober builds probes and owns what they share: the TLS base from the https_* settings and one
 // HTTP transport per TLS variant, so HTTP checks reuse kept-alive connections instead of paying a
-// TCP (and TLS) handshake on every run as Consul's checks do.
+// TCP (and TLS) handshake on every run as Consul's checks do. Plain-HTTP requests that net/http
+// would write the same way go through the lean h1Client instead (see http1_client.go).
 //
 // gRPC connections are deliberately not cached: a cached ClientConn backs off between reconnects
 // (up to two minutes), which would delay noticing a recovered target, and probes have no release
@@ -199,10 +201,13 @@ type prober struct {
 	// bodyBufs recycles the response-body buffers of HTTP runs: at thousands of runs per second a
 	// fresh 8 KiB buffer per run was half of all bytes the runner allocated.
 	bodyBufs sync.Pool
+	// h1 sends plain-HTTP requests without net/http's per-connection goroutines; nil sends
+	// everything through net/http (tests compare the two).
+	h1 *h1Client
 }
 
 func newProber(tlsBase *tls.Config) *prober {
-	p := &prober{transports: make(map[tlsKey]*http.Transport)}
+	p := &prober{transports: make(map[tlsKey]*http.Transport), h1: newH1Client()}
 	if tlsBase != nil {
 		p.tlsBase = tlsBase.Clone()
 	}
@@ -236,6 +241,9 @@ func (p *prober) close() {
 	p.mu.Unlock()
 	for _, t := range ts {
 		t.CloseIdleConnections()
+	}
+	if p.h1 != nil {
+		p.h1.closeIdle()
 	}
 }
 
@@ -340,27 +348,50 @@ func (p *prober) httpProbe(d *checkDefinition, timeout time.Duration) probeFunc 
 	target, body := d.HTTP, d.Body
 	maxOut := outputLimit(d.OutputMaxSize)
 	key := tlsKey{d.TLSSkipVerify, d.TLSServerName}
+	// The closure below must not capture d: it would keep the whole catalog entry d points into
+	// alive after a reload replaced it, a kilobyte per check.
+	follow := !d.DisableRedirects
 	var redirect func(*http.Request, []*http.Request) error
-	if d.DisableRedirects {
+	if !follow {
 		redirect = func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }
 	}
+	var lean *h1Request
+	if p.h1 != nil {
+		lean = newH1Request(method, target, header, body)
+	}
+	// viaStdlib: this check's target answered with a redirect (or a 1xx), which net/http handles,
+	// so later runs go straight there.
+	var viaStdlib atomic.Bool
 
-	return func(ctx context.Context) (string, string) {
-		deadline := time.Now().Add(timeout)
-		resp, err := p.doHTTP(ctx, deadline, redirect, key, method, target, header, body)
-		if err != nil {
-			return statusCritical, err.Error()
-		}
-		out := p.readTail(resp.Body, maxOut)
-		result := fmt.Sprintf("HTTP %s %s: %s Output: %s", method, target, resp.Status, out)
+	result := func(status string, code int, out string) (string, string) {
+		result := fmt.Sprintf("HTTP %s %s: %s Output: %s", method, target, status, out)
 		switch {
-		case resp.StatusCode >= 200 && resp.StatusCode <= 299:
+		case code >= 200 && code <= 299:
 			return statusPassing, result
-		case resp.StatusCode == http.StatusTooManyRequests:
+		case code == http.StatusTooManyRequests:
 			return statusWarning, result
 		default:
 			return statusCritical, result
 		}
+	}
+	return func(ctx context.Context) (string, string) {
+		deadline := time.Now().Add(timeout)
+		if lean != nil && !viaStdlib.Load() {
+			res, err := p.h1.do(ctx, lean, deadline, maxOut, follow, p.readTailFrom)
+			switch {
+			case err == nil:
+				return result(res.status, res.statusCode, res.output)
+			case !errors.Is(err, errH1Fallback):
+				return statusCritical, err.Error()
+			case res.statusCode != 0:
+				viaStdlib.Store(true)
+			}
+		}
+		resp, err := p.doHTTP(ctx, deadline, redirect, key, method, target, header, body)
+		if err != nil {
+			return statusCritical, err.Error()
+		}
+		return result(resp.Status, resp.StatusCode, p.readTail(resp.Body, maxOut))
 	}
 }
 
@@ -401,6 +432,14 @@ func (p *prober) doHTTP(ctx context.Context, deadline time.Time, redirect func(*
 // the body then discards the connection instead of draining an endless stream.
 func (p *prober) readTail(body io.ReadCloser, max int) string {
 	defer body.Close()
+	out, _, _ := p.readTailFrom(body, max)
+	return out
+}
+
+// readTailFrom reads r up to httpBodyReadCap bytes and returns the last max of them, how many it
+// read, and the read error (nil at EOF). A read error (timeout, reset) mid-body still leaves a useful
+// status line; Consul likewise reports what it got.
+func (p *prober) readTailFrom(r io.Reader, max int) (string, int64, error) {
 	// ReadFrom leaves t.buf re-sliced to the tail, so the whole buffer is kept aside for reuse.
 	var buf []byte
 	if b, ok := p.bodyBufs.Get().(*[]byte); ok && cap(*b) >= tailBufferSize(max) {
@@ -409,12 +448,10 @@ func (p *prober) readTail(body io.ReadCloser, max int) string {
 		buf = make([]byte, 0, tailBufferSize(max))
 	}
 	t := &tailBuffer{max: max, buf: buf}
-	// A read error (timeout, reset) mid-body still leaves a useful status line; Consul
-	// likewise reports what it got.
-	_, _ = io.Copy(t, io.LimitReader(body, httpBodyReadCap))
+	n, err := t.ReadFrom(io.LimitReader(r, httpBodyReadCap))
 	out := string(t.buf)
 	p.bodyBufs.Put(&buf)
-	return out
+	return out, n, err
 }
 
 // tailBufferSize is the buffer a tailBuffer of max bytes reads into: twice the tail (at least 512
