@@ -126,6 +126,8 @@ func newConsulClientHTTP(cfg *Config) (*api.Client, *http.Client, error) {
 		return nil, nil, fmt.Errorf("creating Consul API client for %q: %w", conf.Address, err)
 	}
 	setClientToken(client, token)
+	// The API client keeps this *http.Client, so wrapping its transport now covers every request.
+	conf.HttpClient.Transport = &streamingTransport{base: conf.HttpClient.Transport}
 	return client, conf.HttpClient, nil
 }
 

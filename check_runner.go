@@ -6,6 +6,7 @@ import (
 	"crypto/tls"
 	"encoding/json"
 	"fmt"
+	"io"
 	"maps"
 	"math/rand/v2"
 	"net/url"
@@ -205,18 +206,6 @@ func (c *catalogCheck) checkKey() string {
 		k = c.Namespace + "/" + k
 	}
 	return k
-}
-
-// checkList decodes a health-state response and notes when the body had fully arrived: json.Decoder
-// reads the whole value before unmarshalling, so this is when the blocking wait ended.
-type checkList struct {
-	checks  []*catalogCheck
-	arrived time.Time
-}
-
-func (l *checkList) UnmarshalJSON(b []byte) error {
-	l.arrived = time.Now()
-	return json.Unmarshal(b, &l.checks)
 }
 
 func newCheckRunner(a *Agent, tlsCfg *tls.Config) *CheckRunner {
@@ -452,22 +441,76 @@ func (r *CheckRunner) fetchChecks(ctx context.Context, nodes []string, idx uint6
 	if f, ok := nodeFilterExpr(nodes); ok {
 		q.Filter = f
 	}
-	var list checkList
-	meta, err := r.agent.client.Raw().Query("/v1/health/state/any", &list, q)
+	var (
+		out     []*catalogCheck
+		arrived time.Time
+	)
+	// The body is decoded one check at a time as it arrives (see withStreamBody), and a check we
+	// already hold at this or a newer ModifyIndex is not kept twice: a load of an unchanged
+	// assignment then allocates only short-lived garbage instead of a second copy of every check.
+	q = q.WithContext(withStreamBody(q.Context(), func(body io.Reader) error {
+		arrived = time.Now()
+		var err error
+		out, err = r.decodeChecks(body, nodes)
+		return err
+	}))
+	meta, err := r.agent.client.Raw().Query("/v1/health/state/any", &struct{}{}, q)
 	if err != nil {
 		return nil, nil, time.Time{}, fmt.Errorf("querying health checks of %d nodes: %w", len(nodes), err)
 	}
-	out := list.checks[:0]
-	for _, c := range list.checks {
-		if c == nil || c.CheckID == externalNodeHealthCheckID {
+	return out, meta, arrived, nil
+}
+
+// decodeChecks reads a JSON array of health checks and returns those on nodes (sorted), without the
+// prober's externalNodeHealth checks. A check already held at the same or a newer ModifyIndex is
+// returned as the held copy, which reconcile treats as unchanged.
+func (r *CheckRunner) decodeChecks(body io.Reader, nodes []string) ([]*catalogCheck, error) {
+	dec := json.NewDecoder(body)
+	tok, err := dec.Token()
+	if err != nil {
+		return nil, err
+	}
+	if tok == nil { // null: no checks
+		return nil, nil
+	}
+	if d, ok := tok.(json.Delim); !ok || d != '[' {
+		return nil, fmt.Errorf("health checks: want a JSON array, got %v", tok)
+	}
+	var out []*catalogCheck
+	var c catalogCheck
+	for dec.More() {
+		c = catalogCheck{} // Decode merges into maps and slices, so start from zero every time
+		if err := dec.Decode(&c); err != nil {
+			return nil, err
+		}
+		if c.CheckID == "" || c.CheckID == externalNodeHealthCheckID {
 			continue
 		}
 		if _, ok := slices.BinarySearch(nodes, c.Node); !ok {
 			continue
 		}
-		out = append(out, c)
+		if held := r.heldCopy(&c); held != nil {
+			out = append(out, held)
+			continue
+		}
+		kept := c
+		out = append(out, &kept)
 	}
-	return out, meta, list.arrived, nil
+	if _, err := dec.Token(); err != nil { // the closing ]
+		return nil, err
+	}
+	return out, nil
+}
+
+// heldCopy returns the runner's copy of c when it is at least as new as c.
+func (r *CheckRunner) heldCopy(c *catalogCheck) *catalogCheck {
+	key := c.checkKey()
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if st := r.states[key]; st != nil && c.ModifyIndex <= st.check.ModifyIndex {
+		return st.check
+	}
+	return nil
 }
 
 // nodeFilterExpr builds the server-side filter that limits a health query to nodes (sorted), or

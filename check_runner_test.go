@@ -1048,3 +1048,69 @@ func TestCheckRunnerPerCheckThresholds(t *testing.T) {
 		})
 	}
 }
+
+// TestDecodeChecks covers the streaming decode of a health-state body: filtering, malformed
+// bodies, per-check fields not leaking into the next check, and held copies reused.
+func TestDecodeChecks(t *testing.T) {
+	r := crStart(t, nil, nil, nil)
+	nodes := []string{"n1", "n2"}
+	cases := []struct {
+		name    string
+		body    string
+		want    []string // Node/CheckID of the checks returned
+		wantErr bool
+	}{
+		{"null", `null`, nil, false},
+		{"empty", `[]`, nil, false},
+		{"filtered", `[{"Node":"n1","CheckID":"a"},{"Node":"other","CheckID":"b"},{"Node":"n2","CheckID":"externalNodeHealth"},null,{"Node":"n2","CheckID":"c"}]`, []string{"n1/a", "n2/c"}, false},
+		{"object", `{"Node":"n1"}`, nil, true},
+		{"truncated", `[{"Node":"n1","CheckID":"a"},{"Node":"n1"`, nil, true},
+		{"garbage", `[{"Node":"n1","CheckID":"a"}, nonsense]`, nil, true},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := r.decodeChecks(strings.NewReader(tc.body), nodes)
+			if (err != nil) != tc.wantErr {
+				t.Fatalf("err = %v, want error %v", err, tc.wantErr)
+			}
+			var keys []string
+			for _, c := range got {
+				keys = append(keys, c.Node+"/"+c.CheckID)
+			}
+			if !tc.wantErr && !slices.Equal(keys, tc.want) {
+				t.Fatalf("got %v, want %v", keys, tc.want)
+			}
+		})
+	}
+
+	// One check's header map and tags must not show up in the next one's (json.Decode merges into
+	// a reused value).
+	got, err := r.decodeChecks(strings.NewReader(`[
+		{"Node":"n1","CheckID":"a","ServiceTags":["x","y"],"Definition":{"HTTP":"http://127.0.0.1:1/","Header":{"X-A":["1"]}}},
+		{"Node":"n1","CheckID":"b","Definition":{"HTTP":"http://127.0.0.1:1/"}}]`), nodes)
+	if err != nil || len(got) != 2 {
+		t.Fatalf("got %d checks, err %v", len(got), err)
+	}
+	if len(got[1].ServiceTags) != 0 || len(got[1].Definition.Header) != 0 || len(got[0].Definition.Header["X-A"]) != 1 {
+		t.Fatalf("fields leaked between checks: %+v / %+v", got[0], got[1])
+	}
+
+	// Once running, a check at the same ModifyIndex comes back as the runner's own copy, a newer
+	// one as the fresh decode.
+	held := &catalogCheck{Node: "n1", CheckID: "a", Status: statusPassing, ModifyIndex: 7,
+		Definition: checkDefinition{HTTP: "http://127.0.0.1:1/", Interval: durationField(time.Hour)}}
+	r.reconcile([]*catalogCheck{held}, 1)
+	for _, tc := range []struct {
+		index uint64
+		same  bool
+	}{{6, true}, {7, true}, {8, false}} {
+		body := fmt.Sprintf(`[{"Node":"n1","CheckID":"a","Status":"passing","ModifyIndex":%d,"Definition":{"HTTP":"http://127.0.0.1:1/","Interval":"1h"}}]`, tc.index)
+		got, err := r.decodeChecks(strings.NewReader(body), nodes)
+		if err != nil || len(got) != 1 {
+			t.Fatalf("index %d: %d checks, err %v", tc.index, len(got), err)
+		}
+		if (got[0] == held) != tc.same {
+			t.Errorf("index %d: held copy returned %v, want %v", tc.index, got[0] == held, tc.same)
+		}
+	}
+}
