@@ -45,9 +45,14 @@ type h1Client struct {
 	mu        sync.Mutex
 	idle      map[string][]*h1Conn // by dial address, most recently used last
 	lastSweep time.Time
+
+	// readers lends read buffers to connections in use. An idle connection has nothing buffered
+	// (or it would not have been kept), so it holds none: with one kept connection per target,
+	// 10,000 targets would otherwise pin 40 MB of empty buffers.
+	readers sync.Pool
 }
 
-// h1Conn is one kept-alive connection and its read buffer.
+// h1Conn is one kept-alive connection and, while in use, its read buffer.
 type h1Conn struct {
 	nc        net.Conn
 	br        *bufio.Reader
@@ -56,8 +61,9 @@ type h1Conn struct {
 
 func newH1Client() *h1Client {
 	return &h1Client{
-		dialer: net.Dialer{KeepAlive: 30 * time.Second},
-		idle:   make(map[string][]*h1Conn),
+		dialer:  net.Dialer{KeepAlive: 30 * time.Second},
+		idle:    make(map[string][]*h1Conn),
+		readers: sync.Pool{New: func() any { return bufio.NewReaderSize(nil, 4096) }},
 	}
 }
 
@@ -215,7 +221,12 @@ func (c *h1Client) do(ctx context.Context, r *h1Request, deadline time.Time, max
 		if err != nil {
 			return h1Result{}, c.urlError(r, err, deadline)
 		}
+		conn.br = c.readers.Get().(*bufio.Reader)
+		conn.br.Reset(conn.nc)
 		res, keep, err := c.exchange(ctx, conn, r, deadline, max, followRedirects, readTail)
+		conn.br.Reset(nil)
+		c.readers.Put(conn.br)
+		conn.br = nil
 		if keep {
 			c.put(r.addr, conn)
 		} else {
@@ -347,7 +358,7 @@ func (c *h1Client) get(ctx context.Context, addr string, deadline time.Time) (co
 	if err != nil {
 		return nil, false, err
 	}
-	return &h1Conn{nc: nc, br: bufio.NewReaderSize(nc, 4096)}, false, nil
+	return &h1Conn{nc: nc}, false, nil
 }
 
 // put keeps conn for the next request to addr, and now and then closes connections idle for
