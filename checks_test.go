@@ -433,38 +433,18 @@ func TestProbeHTTPReusesConnections(t *testing.T) {
 // connection and drops the second after reading it: the moment a kept-alive connection goes stale.
 // A POST is not retried by net/http itself, so only the probe's own retry turns this into a pass.
 func TestProbeHTTPRetriesStaleConnection(t *testing.T) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var wg sync.WaitGroup
-	t.Cleanup(func() { l.Close(); wg.Wait() })
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer c.Close()
-				br := bufio.NewReader(c)
-				req, err := http.ReadRequest(br)
-				if err != nil {
-					return
-				}
-				io.Copy(io.Discard, req.Body)
-				io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-				if req, err = http.ReadRequest(br); err == nil {
-					io.Copy(io.Discard, req.Body)
-				}
-			}()
+	addr := rawServer(t, func(c net.Conn, br *bufio.Reader) {
+		req, err := http.ReadRequest(br)
+		if err != nil {
+			return
 		}
-	}()
-	url := "http://" + l.Addr().String() + "/"
+		io.Copy(io.Discard, req.Body)
+		io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+		if req, err = http.ReadRequest(br); err == nil {
+			io.Copy(io.Discard, req.Body)
+		}
+	})
+	url := "http://" + addr + "/"
 	p := newProber(nil)
 	t.Cleanup(p.close)
 	probe, _ := p.newProbe(&checkDefinition{HTTP: url, Method: "POST", Body: "x"}, time.Second)

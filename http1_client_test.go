@@ -12,52 +12,9 @@ import (
 	"net/textproto"
 	"slices"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 )
-
-// rawServer is a TCP server on 127.0.0.1 whose every connection is handled by serve, for answers
-// net/http's server would never send.
-func rawServer(t *testing.T, serve func(c net.Conn, br *bufio.Reader)) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var wg sync.WaitGroup
-	var mu sync.Mutex
-	var conns []net.Conn
-	t.Cleanup(func() {
-		l.Close()
-		mu.Lock()
-		for _, c := range conns {
-			c.Close()
-		}
-		mu.Unlock()
-		wg.Wait()
-	})
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			mu.Lock()
-			conns = append(conns, c)
-			mu.Unlock()
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer c.Close()
-				serve(c, bufio.NewReader(c))
-			}()
-		}
-	}()
-	return l.Addr().String()
-}
 
 // answerEach reads requests off a connection and writes answer(request) for each until the
 // client goes away; answer returns the raw response and whether to keep the connection open.
