@@ -72,12 +72,12 @@ func newH1Client() *h1Client {
 type h1Request struct {
 	addr string // host:port to dial
 	raw  []byte // request line, headers and body
-	head bool   // a HEAD request: the response has no body whatever its headers say
+	// head: a HEAD request. Its response has no body whatever its headers say; every other
+	// request asks for gzip as net/http's transport does, so a gzip response is decoded.
+	head bool
 	// op and url make net/http's *url.Error text ("Get \"http://...\": ...") for errors the lean
 	// client reports itself.
 	op, url string
-	// gzip: the request asks for gzip as net/http's transport does, so a gzip response is decoded.
-	gzip bool
 }
 
 // ReadResponse learns from the request's method alone whether a body follows; these two are
@@ -98,19 +98,20 @@ var h1ExcludedHeaders = []string{
 // anything but plain http, a URL with credentials or a non-ASCII host, a proxy from the
 // environment, an invalid method or header, or a header that changes framing.
 func newH1Request(method, target string, header http.Header, body string) *h1Request {
-	u, err := url.Parse(target)
-	if err != nil || u.Scheme != "http" || u.User != nil || u.Host == "" || u.Opaque != "" {
+	// NewRequest parses the URL and rejects a method that is not a token, as the net/http path would.
+	req, err := http.NewRequest(method, target, nil)
+	if err != nil {
+		return nil
+	}
+	u := req.URL
+	if u.Scheme != "http" || u.User != nil || u.Host == "" || u.Opaque != "" {
 		return nil
 	}
 	host := u.Host
 	if h := header.Get("Host"); h != "" {
 		host = h
 	}
-	if !isASCIIPrintable(host) || !httpguts.ValidHostHeader(host) || !isASCIIPrintable(u.Hostname()) || !validHTTPMethod(method) {
-		return nil
-	}
-	req, err := http.NewRequest(method, target, nil)
-	if err != nil {
+	if !isASCIIPrintable(host) || !httpguts.ValidHostHeader(host) || !isASCIIPrintable(u.Hostname()) {
 		return nil
 	}
 	if p, err := http.ProxyFromEnvironment(req); err != nil || p != nil {
@@ -154,10 +155,10 @@ func newH1Request(method, target string, header http.Header, body string) *h1Req
 			fmt.Fprintf(&b, "%s: %s\r\n", k, textproto.TrimString(v))
 		}
 	}
-	// net/http's transport asks for gzip (and decodes it) unless told otherwise; Consul's check
-	// client does not tell it otherwise.
-	gz := method != http.MethodHead
-	if gz {
+	// net/http's transport asks for gzip (and decodes it) except for HEAD, unless told otherwise;
+	// Consul's check client does not tell it otherwise.
+	head := method == http.MethodHead
+	if !head {
 		b.WriteString("Accept-Encoding: gzip\r\n")
 	}
 	b.WriteString("\r\n")
@@ -166,10 +167,9 @@ func newH1Request(method, target string, header http.Header, body string) *h1Req
 	return &h1Request{
 		addr: net.JoinHostPort(u.Hostname(), port),
 		raw:  b.Bytes(),
-		head: method == http.MethodHead,
+		head: head,
 		op:   method[:1] + strings.ToLower(method[1:]),
 		url:  target,
-		gzip: gz,
 	}
 }
 
@@ -196,11 +196,6 @@ func isASCIIPrintable(s string) bool {
 		}
 	}
 	return true
-}
-
-// validHTTPMethod reports whether m is an RFC 7230 token, as net/http requires.
-func validHTTPMethod(m string) bool {
-	return m != "" && strings.IndexFunc(m, func(r rune) bool { return !httpguts.IsTokenRune(r) }) < 0
 }
 
 // h1Result is a response read by the lean client.
@@ -284,7 +279,7 @@ func (c *h1Client) roundTrip(conn *h1Conn, r *h1Request, max int, followRedirect
 		return h1Result{statusCode: resp.StatusCode}, false, errH1Fallback
 	}
 	body := io.Reader(resp.Body)
-	if r.gzip && strings.EqualFold(resp.Header.Get("Content-Encoding"), "gzip") {
+	if !r.head && strings.EqualFold(resp.Header.Get("Content-Encoding"), "gzip") {
 		zr, err := gzip.NewReader(resp.Body)
 		if err != nil {
 			// Empty or corrupt: net/http reports this lazily as a body read error, which the
