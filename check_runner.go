@@ -308,6 +308,23 @@ func (r *CheckRunner) Run(ctx context.Context) {
 	r.mu.Unlock()
 }
 
+// waitWake blocks until wake is signalled, wait has passed (wait < 0: no deadline) or ctx ends, and
+// reports false when ctx ended. timer is the caller's, reused across calls.
+func waitWake(ctx context.Context, timer *time.Timer, wait time.Duration, wake <-chan struct{}) bool {
+	if wait >= 0 {
+		timer.Reset(wait)
+	} else {
+		timer.Stop()
+	}
+	select {
+	case <-ctx.Done():
+		return false
+	case <-wake:
+	case <-timer.C:
+	}
+	return true
+}
+
 // signalChan does a non-blocking send on a one-slot wake-up channel.
 func signalChan(ch chan struct{}) {
 	select {
@@ -1117,16 +1134,8 @@ func (s *checkScheduler) loop(ctx context.Context) {
 			}
 			continue
 		}
-		if wait >= 0 {
-			timer.Reset(wait)
-		} else {
-			timer.Stop()
-		}
-		select {
-		case <-ctx.Done():
+		if !waitWake(ctx, timer, wait, s.wake) {
 			return
-		case <-s.wake:
-		case <-timer.C:
 		}
 	}
 }

@@ -168,17 +168,9 @@ func (w *checkWriter) loop(ctx context.Context) {
 			w.flush(ctx, batch)
 			continue
 		}
-		if wait >= 0 {
-			timer.Reset(wait)
-		} else {
-			timer.Stop()
-		}
-		select {
-		case <-ctx.Done():
+		if !waitWake(ctx, timer, wait, w.wake) {
 			w.finalFlush()
 			return
-		case <-w.wake:
-		case <-timer.C:
 		}
 	}
 }

@@ -538,8 +538,7 @@ func udpProbe(addr string, timeout time.Duration) probeFunc {
 		defer cancel()
 		conn, err := (&net.Dialer{Timeout: timeout}).DialContext(ctx, "udp", addr)
 		if err != nil {
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
+			if isTimeout(err) {
 				return statusPassing, success
 			}
 			return statusCritical, err.Error()

@@ -314,6 +314,7 @@ func isRedirect(resp *http.Response) bool {
 	return false
 }
 
+// isTimeout reports whether err is a network timeout (a deadline reached).
 func isTimeout(err error) bool {
 	var ne net.Error
 	return errors.As(err, &ne) && ne.Timeout()
