@@ -371,12 +371,7 @@ func TestLeaderCrashFailover(t *testing.T) {
 	}
 	crashCfg := testConfig(srv)
 	crasher := startAgentOpts(t, crashCfg, AgentOptions{crashOnStop: true})
-	waitFor(t, 10*time.Second, func() error {
-		if !crasher.status.leader.Load() {
-			return errNotYet
-		}
-		return nil
-	})
+	waitLeader(t, crasher, 10*time.Second)
 	survivor := startAgent(t, testConfig(srv))
 	waitAssigned(t, srv.Client, []*runningAgent{crasher, survivor}, nodes)
 
@@ -384,12 +379,7 @@ func TestLeaderCrashFailover(t *testing.T) {
 	if err := crasher.stop(t); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 20*time.Second, func() error {
-		if !survivor.status.leader.Load() {
-			return errNotYet
-		}
-		return nil
-	})
+	waitLeader(t, survivor, 20*time.Second)
 	tookLock := time.Since(start)
 	waitAssigned(t, srv.Client, []*runningAgent{survivor}, nodes)
 	reassigned := time.Since(start)
@@ -405,12 +395,7 @@ func TestLeaderCrashFailover(t *testing.T) {
 func TestAgentShutdownWithConsulGone(t *testing.T) {
 	srv := newTestConsul(t)
 	ra := startAgent(t, testConfig(srv))
-	waitFor(t, 10*time.Second, func() error {
-		if !ra.status.leader.Load() {
-			return errNotYet
-		}
-		return nil
-	})
+	waitLeader(t, ra, 10*time.Second)
 	_ = srv.Stop() // consul exits non-zero on interrupt; only its absence matters here
 	start := time.Now()
 	if err := ra.stop(t); err != nil {

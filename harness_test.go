@@ -155,6 +155,17 @@ func waitFor(t testing.TB, timeout time.Duration, cond func() error) {
 
 var errNotYet = errors.New("not yet")
 
+// waitLeader waits until ra holds the leader lock.
+func waitLeader(t testing.TB, ra *runningAgent, timeout time.Duration) {
+	t.Helper()
+	waitFor(t, timeout, func() error {
+		if !ra.status.leader.Load() {
+			return errNotYet
+		}
+		return nil
+	})
+}
+
 func TestHarnessConsulSmoke(t *testing.T) {
 	srv := newTestConsul(t)
 	client, err := newConsulClient(testConfig(srv))

@@ -488,12 +488,7 @@ func TestReliabilityLeaderCrashGaps(t *testing.T) {
 
 	crashCfg := testConfig(srv)
 	crasher := startAgentOpts(t, crashCfg, AgentOptions{crashOnStop: true})
-	waitFor(t, 10*time.Second, func() error {
-		if !crasher.status.leader.Load() {
-			return errNotYet
-		}
-		return nil
-	})
+	waitLeader(t, crasher, 10*time.Second)
 	survivors := []*runningAgent{startAgent(t, testConfig(srv)), startAgent(t, testConfig(srv))}
 	before := waitAssigned(t, c, append([]*runningAgent{crasher}, survivors...), nodes)
 	orphans := before[crasher.ServiceID()].all()

@@ -143,12 +143,7 @@ func writeConfig(t *testing.T, path, body string) {
 func TestReloadInProcess(t *testing.T) {
 	srv := newTestConsul(t)
 	ra := startAgent(t, testConfig(srv))
-	waitFor(t, 15*time.Second, func() error {
-		if !ra.status.leader.Load() {
-			return errNotYet
-		}
-		return nil
-	})
+	waitLeader(t, ra, 15*time.Second)
 	before := ra.config()
 
 	path := filepath.Join(t.TempDir(), "esm.hcl")
