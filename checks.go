@@ -357,21 +357,22 @@ func (p *prober) httpProbe(d *checkDefinition, timeout time.Duration) probeFunc 
 	}
 	var lean *h1Request
 	if p.h1 != nil {
-		lean = newH1Request(method, target, header, body)
+		lean = p.h1.newRequest(method, target, header, body)
 	}
 	// viaStdlib: this check's target answered with a redirect (or a 1xx), which net/http handles,
 	// so later runs go straight there.
 	var viaStdlib atomic.Bool
 
-	result := func(status string, code int, out string) (string, string) {
-		result := fmt.Sprintf("HTTP %s %s: %s Output: %s", method, target, status, out)
+	// verdict turns an answer into Consul's status and output.
+	verdict := func(status string, code int, body string) (string, string) {
+		out := fmt.Sprintf("HTTP %s %s: %s Output: %s", method, target, status, body)
 		switch {
 		case code >= 200 && code <= 299:
-			return statusPassing, result
+			return statusPassing, out
 		case code == http.StatusTooManyRequests:
-			return statusWarning, result
+			return statusWarning, out
 		default:
-			return statusCritical, result
+			return statusCritical, out
 		}
 	}
 	return func(ctx context.Context) (string, string) {
@@ -380,7 +381,7 @@ func (p *prober) httpProbe(d *checkDefinition, timeout time.Duration) probeFunc 
 			res, err := p.h1.do(ctx, lean, deadline, maxOut, follow, p.readTailFrom)
 			switch {
 			case err == nil:
-				return result(res.status, res.statusCode, res.output)
+				return verdict(res.status, res.statusCode, res.output)
 			case !errors.Is(err, errH1Fallback):
 				return statusCritical, err.Error()
 			case res.statusCode != 0:
@@ -391,7 +392,7 @@ func (p *prober) httpProbe(d *checkDefinition, timeout time.Duration) probeFunc 
 		if err != nil {
 			return statusCritical, err.Error()
 		}
-		return result(resp.Status, resp.StatusCode, p.readTail(resp.Body, maxOut))
+		return verdict(resp.Status, resp.StatusCode, p.readTail(resp.Body, maxOut))
 	}
 }
 

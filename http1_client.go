@@ -37,10 +37,13 @@ var errH1Fallback = errors.New("h1: use net/http")
 // goroutine. net/http's transport runs a reader and a writer goroutine per connection and hands
 // every request and response between them and the caller; with thousands of checks per second
 // those hand-offs (thread wake-ups, channel operations) and the per-request allocations were most of
-// the runner's CPU. Only requests net/http would send identically take this path (see newH1Request);
+// the runner's CPU. Only requests net/http would send identically take this path (see newRequest);
 // everything else, and every response it does not handle itself, goes through net/http.
 type h1Client struct {
 	dialer net.Dialer
+	// proxy is the net/http path's proxy choice (http.ProxyFromEnvironment); a proxied URL is
+	// left to net/http.
+	proxy func(*http.Request) (*url.URL, error)
 
 	mu        sync.Mutex
 	idle      map[string][]*h1Conn // by dial address, most recently used last
@@ -62,6 +65,7 @@ type h1Conn struct {
 func newH1Client() *h1Client {
 	return &h1Client{
 		dialer:  net.Dialer{KeepAlive: 30 * time.Second},
+		proxy:   http.ProxyFromEnvironment,
 		idle:    make(map[string][]*h1Conn),
 		readers: sync.Pool{New: func() any { return bufio.NewReaderSize(nil, 4096) }},
 	}
@@ -94,10 +98,10 @@ var h1ExcludedHeaders = []string{
 	"Proxy-Connection", "Keep-Alive", "Accept-Encoding", "Range",
 }
 
-// newH1Request returns the lean form of a probe's request, or nil when net/http must send it:
+// newRequest returns the lean form of a probe's request, or nil when net/http must send it:
 // anything but plain http, a URL with credentials or a non-ASCII host, a proxy from the
 // environment, an invalid method or header, or a header that changes framing.
-func newH1Request(method, target string, header http.Header, body string) *h1Request {
+func (c *h1Client) newRequest(method, target string, header http.Header, body string) *h1Request {
 	// NewRequest parses the URL and rejects a method that is not a token, as the net/http path would.
 	req, err := http.NewRequest(method, target, nil)
 	if err != nil {
@@ -114,7 +118,7 @@ func newH1Request(method, target string, header http.Header, body string) *h1Req
 	if !isASCIIPrintable(host) || !httpguts.ValidHostHeader(host) || !isASCIIPrintable(u.Hostname()) {
 		return nil
 	}
-	if p, err := http.ProxyFromEnvironment(req); err != nil || p != nil {
+	if p, err := c.proxy(req); err != nil || p != nil {
 		return nil
 	}
 	for _, k := range h1ExcludedHeaders {

@@ -5,11 +5,13 @@ import (
 	"bytes"
 	"compress/gzip"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"net/textproto"
+	"net/url"
 	"slices"
 	"strings"
 	"testing"
@@ -284,18 +286,21 @@ func TestH1Eligibility(t *testing.T) {
 		{"GET", "http://127.0.0.1/x", http.Header{"Host": {"bad host"}}, false},
 		{"GET", "http://bücher.example/x", h, false},
 	}
+	c := newH1Client()
 	for _, tc := range cases {
-		if got := newH1Request(tc.method, tc.url, tc.header, "") != nil; got != tc.lean {
+		if got := c.newRequest(tc.method, tc.url, tc.header, "") != nil; got != tc.lean {
 			t.Errorf("%s %s %v: lean %v, want %v", tc.method, tc.url, tc.header, got, tc.lean)
 		}
 	}
-	t.Setenv("HTTP_PROXY", "http://127.0.0.1:3128")
-	// net/http reads the proxy environment once per process, so only the decision's input is
-	// checked here: a URL the environment proxies goes through net/http, which honours it.
-	if req, _ := http.NewRequest("GET", "http://127.0.0.2/x", nil); req != nil {
-		if p, _ := http.ProxyFromEnvironment(req); p != nil && newH1Request("GET", "http://127.0.0.2/x", h, "") != nil {
-			t.Error("a proxied URL took the lean path")
-		}
+	// A URL the environment proxies (or whose proxy setting is broken) goes through net/http, which
+	// honours it. net/http reads the environment once per process, so the choice is stubbed here.
+	c.proxy = func(*http.Request) (*url.URL, error) { return url.Parse("http://127.0.0.1:3128") }
+	if c.newRequest("GET", "http://127.0.0.2/x", h, "") != nil {
+		t.Error("a proxied URL took the lean path")
+	}
+	c.proxy = func(*http.Request) (*url.URL, error) { return nil, errors.New("bad proxy setting") }
+	if c.newRequest("GET", "http://127.0.0.2/x", h, "") != nil {
+		t.Error("a URL with a broken proxy setting took the lean path")
 	}
 }
 
