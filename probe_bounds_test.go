@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"os"
 	"runtime"
 	"strconv"
@@ -184,6 +185,41 @@ func TestProbeOutputsAreBounded(t *testing.T) {
 			status, out := runWith(t, p, &d, time.Second)
 			if status != statusCritical || out == "" || len(out) > 64 {
 				t.Fatalf("got (%q, %q: %d bytes), want critical within 64 bytes", status, out, len(out))
+			}
+		})
+	}
+}
+
+// TestProbeSendsOneRequestPerRun: a request is written once per run, whatever the answer: a
+// connection closed after the request was read, or a malformed answer, is the run's result (critical),
+// never a reason to send the request again.
+func TestProbeSendsOneRequestPerRun(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		answer string // written after reading the request; "" closes the connection at once
+		want   string
+	}{
+		{"closed after the request", "", "EOF"},
+		{"malformed answer", "HTTP/1.1 abc\r\n\r\n", "malformed HTTP"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var requests atomic.Int32
+			addr := rawServer(t, func(c net.Conn, br *bufio.Reader) {
+				req, err := http.ReadRequest(br)
+				if err != nil {
+					return
+				}
+				io.Copy(io.Discard, req.Body)
+				requests.Add(1)
+				io.WriteString(c, tc.answer)
+			})
+			d := checkDefinition{HTTP: "http://" + addr + "/", Method: "POST", Body: "payload"}
+			status, out := runProbe(t, &d, 2*time.Second)
+			if status != statusCritical || !strings.Contains(out, tc.want) {
+				t.Fatalf("got (%q, %q), want critical containing %q", status, out, tc.want)
+			}
+			if n := requests.Load(); n != 1 {
+				t.Fatalf("the target received the request %d times in one run", n)
 			}
 		})
 	}
