@@ -205,12 +205,8 @@ type dialFunc func(ctx context.Context, network, addr string) (net.Conn, error)
 type prober struct {
 	mu         sync.Mutex
 	tlsBase    *tls.Config
-	transports map[tlsKey]http.RoundTripper
+	transports map[tlsKey]*http.Transport
 	dial       dialFunc
-	// lean: plain-http requests go through leanTransport (http1_transport.go); tests turn it off to
-	// compare with net/http alone.
-	lean     bool
-	leanBufs *leanBuffers
 	// bodyBufs recycles the response-body buffers of HTTP runs: at thousands of runs per second a
 	// fresh 8 KiB buffer per run was half of all bytes the runner allocated.
 	bodyBufs sync.Pool
@@ -219,8 +215,7 @@ type prober struct {
 func newProber(tlsBase *tls.Config) *prober {
 	// No TCP keep-alive probes: a connection lives for one run, and setting them up is three more
 	// system calls per run.
-	p := &prober{transports: make(map[tlsKey]http.RoundTripper), dial: (&net.Dialer{KeepAlive: -1}).DialContext,
-		lean: true, leanBufs: newLeanBuffers()}
+	p := &prober{transports: make(map[tlsKey]*http.Transport), dial: (&net.Dialer{KeepAlive: -1}).DialContext}
 	if tlsBase != nil {
 		p.tlsBase = tlsBase.Clone()
 	}
@@ -235,7 +230,7 @@ func (p *prober) setTLS(tlsBase *tls.Config) {
 	}
 	p.mu.Lock()
 	p.tlsBase = tlsBase
-	p.transports = make(map[tlsKey]http.RoundTripper)
+	p.transports = make(map[tlsKey]*http.Transport)
 	p.mu.Unlock()
 }
 
@@ -257,9 +252,8 @@ func (p *prober) tlsConfig(k tlsKey) *tls.Config {
 }
 
 // transport returns the HTTP transport for one TLS variant, built as Consul builds its check
-// client's: keep-alives off, proxies from the environment, HTTP/2 when TLS offers it; plain-http
-// requests take the lean path in front of it.
-func (p *prober) transport(k tlsKey) http.RoundTripper {
+// client's: keep-alives off, proxies from the environment, HTTP/2 when TLS offers it.
+func (p *prober) transport(k tlsKey) *http.Transport {
 	cfg := p.tlsConfig(k)
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -276,12 +270,8 @@ func (p *prober) transport(k tlsKey) http.RoundTripper {
 		TLSHandshakeTimeout:    10 * time.Second,
 		ExpectContinueTimeout:  time.Second,
 	}
-	var rt http.RoundTripper = t
-	if p.lean {
-		rt = &leanTransport{next: t, dial: p.dial, proxy: t.Proxy, bufs: p.leanBufs}
-	}
-	p.transports[k] = rt
-	return rt
+	p.transports[k] = t
+	return t
 }
 
 // newProbe builds the probe for d. timeout bounds one run; when it is not positive the
