@@ -377,11 +377,15 @@ type agentStatus struct {
 	leader      atomic.Bool
 	lastContact atomic.Int64 // unix nanos of the last successful Consul call
 	consulErr   atomic.Pointer[string]
+	// assignmentErr is set while this instance leads and cannot write an instance's assignment.
+	assignmentErr atomic.Pointer[string]
 }
 
 func newAgentStatus() *agentStatus { return &agentStatus{} }
 
 func (s *agentStatus) setRegistered(v bool) { s.registered.Store(v) }
+
+func (s *agentStatus) setAssignmentErr(msg *string) { s.assignmentErr.Store(msg) }
 
 func (s *agentStatus) contact() {
 	s.lastContact.Store(time.Now().UnixNano())

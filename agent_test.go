@@ -158,7 +158,7 @@ func kvAssignments(t *testing.T, c *api.Client) (map[string]assignment, map[stri
 	for _, p := range pairs {
 		as, err := decodeAssignment(p.Value)
 		if err != nil {
-			t.Fatalf("%s: %v", p.Key, err)
+			continue // not an assignment (tests that corrupt keys wait for the leader to repair them)
 		}
 		id := strings.TrimPrefix(p.Key, "consul-esm/agents/")
 		out[id] = as

@@ -77,6 +77,7 @@ var esmMetrics = []metricDef{
 	{key: []string{"esm", "checks", "results"}, kind: counterMetric, help: "Health check runs by result.", labels: []metrics.Label{{Name: "status", Value: "critical"}}},
 	{key: []string{"esm", "checks", "latency"}, kind: summaryMetric, help: "Time in ms one health check probe took."},
 	{key: []string{"esm", "consul", "write_failures"}, kind: counterMetric, help: "Check status writes given up after Consul rejected or failed them (retried from the next result)."},
+	{key: []string{"esm", "agents", "assignment_oversize"}, kind: gaugeMetric, help: "Instances whose assignment the leader cannot write because it does not fit one Consul transaction (leader only)."},
 	{key: []string{"esm", "probes", "monitored"}, kind: gaugeMetric, help: "Number of external nodes this instance pings."},
 	{key: []string{"esm", "probes", "reachable"}, kind: gaugeMetric, help: "Number of pinged external nodes that answered their last probe."},
 }
