@@ -150,6 +150,7 @@ type checkState struct {
 	deferN  uint64    // generation of the deferral; bumping it cancels the one in the writer's heap
 	removed bool
 	reaped  bool // service deregistered by the reaper; cleared when the check is seen again
+	refused bool // Consul refused its last write as such (logged once); cleared by a write that lands
 }
 
 // checkTask is one incarnation of a running check: a definition, the probe built once for it and its

@@ -40,6 +40,7 @@ const (
 var (
 	checkTxnKey      = []string{"check", "txn"}
 	writeFailuresKey = []string{"esm", "consul", "write_failures"}
+	writeRefusedKey  = []string{"esm", "checks", "write_refused"}
 )
 
 // checkWriter writes check status to the catalog. Changes are collected for writeBatchWindow (or
@@ -74,7 +75,8 @@ type checkWriter struct {
 
 	txns     atomic.Uint64 // transactions sent (tests)
 	maxOps   atomic.Int64  // largest transaction sent (tests)
-	failures atomic.Uint64 // check writes given up (tests)
+	failures atomic.Uint64 // check writes given up (/health)
+	refused  atomic.Uint64 // of those, refused by Consul as such (/health)
 }
 
 func newCheckWriter(r *CheckRunner) *checkWriter {
@@ -319,10 +321,21 @@ func (w *checkWriter) attempt(ctx context.Context, ops []*pendingWrite, optimist
 			w.register(ctx, op)
 		}
 	}
-	if len(txnOps) == 0 {
-		return nil
+	sizes := make([]int, len(txnOps))
+	for i, op := range txnOps {
+		sizes[i] = opSize(op)
 	}
+	for _, b := range txnBatches(sizes, maxTxnOps, 0) {
+		retry = append(retry, w.send(ctx, txnOps[b[0]:b[1]], inTxn[b[0]:b[1]], last)...)
+	}
+	return retry
+}
 
+// send writes one transaction and records the outcome of each of its checks. It returns the
+// checks to retry after a stale-index conflict (not on the last attempt). A transaction Consul
+// refuses as such (too large for its txn_max_req_len) is split into single checks, so only the
+// check that cannot be written fails, and that one is reported once (writeRefused).
+func (w *checkWriter) send(ctx context.Context, txnOps api.TxnOps, inTxn []*pendingWrite, last bool) (retry []*checkState) {
 	metrics.IncrCounter(checkTxnKey, 1)
 	w.txns.Add(1)
 	if n := int64(len(txnOps)); n > w.maxOps.Load() {
@@ -330,6 +343,14 @@ func (w *checkWriter) attempt(ctx context.Context, ops []*pendingWrite, optimist
 	}
 	ok, resp, _, err := w.r.agent.client.Txn().Txn(txnOps, w.r.agent.queryOptions(ctx))
 	switch {
+	case err != nil && txnRefused(err) && len(txnOps) > 1:
+		for i := range txnOps {
+			retry = append(retry, w.send(ctx, txnOps[i:i+1], inTxn[i:i+1], last)...)
+		}
+		return retry
+	case err != nil && txnRefused(err):
+		w.writeRefused(inTxn[0], err)
+		return nil
 	case err != nil:
 		w.r.agent.status.failed(err)
 		w.r.logger.Warn("Error updating check status in Consul", "checks", len(inTxn), "error", err)
@@ -369,6 +390,23 @@ func (w *checkWriter) attempt(ctx context.Context, ops []*pendingWrite, optimist
 		w.apply(op)
 	}
 	return nil
+}
+
+// writeRefused gives up on a write Consul refuses to accept at all. It is logged once per check
+// (until one of its writes succeeds) and counted in esm.checks.write_refused; the check's next
+// result tries again, alone, so its neighbours never wait on it.
+func (w *checkWriter) writeRefused(op *pendingWrite, err error) {
+	metrics.IncrCounter(writeRefusedKey, 1)
+	w.refused.Add(1)
+	w.r.mu.Lock()
+	first := !op.st.refused
+	op.st.refused = true
+	w.r.mu.Unlock()
+	if first {
+		w.r.logger.Warn("Consul refused the status write of a check (other checks are not held back)",
+			"checkID", op.checkID, "node", op.node, "error", err)
+	}
+	w.revert(op)
 }
 
 // useLocalCopies sets each op's base copy to the runner's own when that copy can be CAS-written
@@ -552,6 +590,7 @@ func (w *checkWriter) apply(op *pendingWrite) {
 		c.ModifyIndex = st.check.ModifyIndex
 	}
 	st.check = &c
+	st.refused = false
 	if c.Status == statusCritical {
 		if st.criticalSince.IsZero() {
 			st.criticalSince = time.Now()

@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"strings"
 	"testing"
 	"time"
 )
@@ -87,5 +88,51 @@ func TestWriterTakeBatch(t *testing.T) {
 		if len(batch) != tc.wantTake || (tc.wantTake == 0 && wait != tc.wantWait) {
 			t.Errorf("window %v: took %d, wait %v; want %d, %v", tc.window, len(batch), wait, tc.wantTake, tc.wantWait)
 		}
+	}
+}
+
+// TestWriterIsolatesOversizedCheck: a check whose status write is larger than Consul accepts in a
+// transaction (a 600 KiB Body) is written alone, refused alone, logged once and counted, while its
+// neighbours on the same node turn passing as if it were not there.
+func TestWriterIsolatesOversizedCheck(t *testing.T) {
+	srv := newTestConsul(t)
+	tg := crNewTarget(t)
+	const node, neighbours = "big-node", 20
+	interval := 200 * time.Millisecond
+	big := crHTTPCheck("big", tg.URL+"/big", interval)
+	big.Definition.Body = strings.Repeat("x", 600<<10)
+	crRegister(t, srv.Client, node, "", big)
+	for i := 0; i < neighbours; i++ {
+		crRegister(t, srv.Client, node, "", crHTTPCheck(fmt.Sprintf("small-%d", i), tg.URL+"/small", interval))
+	}
+	r := crStart(t, srv, func(c *Config) {
+		c.Telemetry.PrometheusRetentionTime = time.Minute
+		c.Telemetry.DisableHostname = true
+	}, nil)
+	start := time.Now()
+	r.SetNodes([]string{node})
+
+	for i := 0; i < neighbours; i++ {
+		crWaitCheck(t, srv.Client, node, fmt.Sprintf("small-%d", i), 5*time.Second, crStatus(statusPassing, "200 OK"))
+	}
+	t.Logf("all %d neighbours passing after %s", neighbours, time.Since(start))
+	waitFor(t, 5*time.Second, func() error {
+		if n := tg.count("/big"); n < 10 {
+			return fmt.Errorf("big probed %d times", n)
+		}
+		return nil
+	})
+	if c, _ := crGetCheck(srv.Client, node, "big"); c == nil || c.Status != statusCritical {
+		t.Fatalf("big check = %+v, want it left critical (its write cannot land)", c)
+	}
+	logs := r.logs.String()
+	if n := strings.Count(logs, "Consul refused the status write of a check"); n != 1 {
+		t.Errorf("refusal logged %d times, want once", n)
+	}
+	if !strings.Contains(logs, "too large") {
+		t.Error("the log does not give Consul's reason")
+	}
+	if v, _, ok := gatherCounter(t, r.agent.telemetry, "esm_checks_write_refused"); !ok || v < 2 {
+		t.Errorf("esm_checks_write_refused = %v (found %v), want every refused write counted", v, ok)
 	}
 }
