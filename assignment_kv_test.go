@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"slices"
@@ -139,4 +140,91 @@ func holdLeaderLock(t *testing.T, c *api.Client) {
 func putKV(c *api.Client, key, value string) error {
 	_, err := c.KV().Put(&api.KVPair{Key: key, Value: []byte(value)}, nil)
 	return err
+}
+
+// TestAssignmentOf50kNodes: 50,000 nodes with realistic names fit 5 instances (each share written
+// in a transaction of its own), and one instance alone gets a clear error naming the limit on
+// /health and in a metric instead of a silent retry loop.
+func TestAssignmentOf50kNodes(t *testing.T) {
+	if testing.Short() {
+		t.Skip("registers 50,000 nodes")
+	}
+	srv := newTestConsul(t)
+	names := make([]string, 50000)
+	ops := make(api.TxnOps, len(names))
+	for i := range names {
+		names[i] = fmt.Sprintf("web-server-%06d.dc1.example.com", i)
+		ops[i] = &api.TxnOp{Node: &api.NodeTxnOp{Verb: api.NodeSet, Node: api.Node{
+			Node: names[i], Address: "127.0.0.1", Meta: map[string]string{"external-node": "true"}}}}
+	}
+	txnInBatches(t, srv.Client, ops)
+
+	cfg := testConfig(srv)
+	cfg.ClientAddress = "127.0.0.1:0"
+	cfg.Telemetry.PrometheusRetentionTime = time.Minute
+	cfg.Telemetry.DisableHostname = true
+	first := startAgent(t, cfg)
+	health := func() healthReport {
+		t.Helper()
+		addr := first.telemetry.HTTPAddr()
+		if addr == "" {
+			return healthReport{}
+		}
+		_, body := httpGet(t, "http://"+addr+"/health")
+		var r healthReport
+		_ = json.Unmarshal([]byte(body), &r)
+		return r
+	}
+	waitFor(t, 30*time.Second, func() error {
+		if r := health(); !strings.Contains(r.AssignmentError, fmt.Sprint(maxTxnBytes)) || !strings.Contains(r.AssignmentError, "txn_max_req_len") {
+			return fmt.Errorf("assignment_error = %q", r.AssignmentError)
+		}
+		if v, _, _ := gatherGauge(t, first.telemetry, "esm_agents_assignment_oversize"); v != 1 {
+			return fmt.Errorf("esm_agents_assignment_oversize = %v", v)
+		}
+		return nil
+	})
+
+	if n := strings.Count(first.logs.String(), "Assignment too large to write"); n != 1 {
+		t.Errorf("the oversize assignment was logged %d times, want once", n)
+	}
+
+	start := time.Now()
+	agents := []*runningAgent{first}
+	for i := 0; i < 4; i++ {
+		agents = append(agents, startAgent(t, testConfig(srv)))
+	}
+	waitFor(t, 60*time.Second, func() error {
+		got, _ := kvAssignments(t, srv.Client)
+		total := 0
+		for _, a := range agents {
+			as := got[a.ServiceID()]
+			if len(as.Nodes) != len(names)/len(agents) {
+				return fmt.Errorf("%s assigned %d nodes", a.ServiceID(), len(as.Nodes))
+			}
+			if n := len(a.runner.Nodes()); n != len(as.Nodes) {
+				return fmt.Errorf("%s runs %d nodes, assigned %d", a.ServiceID(), n, len(as.Nodes))
+			}
+			total += len(as.Nodes)
+		}
+		if total != len(names) {
+			return fmt.Errorf("%d nodes assigned", total)
+		}
+		return nil
+	})
+	t.Logf("50,000 nodes written and applied over 5 instances %s after they started", time.Since(start))
+	if r := health(); r.AssignmentError != "" {
+		t.Errorf("assignment_error still set: %q", r.AssignmentError)
+	}
+}
+
+// txnInBatches applies ops in transactions of at most maxTxnOps.
+func txnInBatches(t testing.TB, c *api.Client, ops api.TxnOps) {
+	t.Helper()
+	for chunk := range slices.Chunk(ops, maxTxnOps) {
+		ok, resp, _, err := c.Txn().Txn(chunk, nil)
+		if err != nil || !ok {
+			t.Fatalf("transaction: %v %s", err, txnErrors(resp))
+		}
+	}
 }
