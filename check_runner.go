@@ -230,8 +230,10 @@ func newCheckRunner(a *Agent, tlsCfg *tls.Config) *CheckRunner {
 	return r
 }
 
-// SetNodes replaces the set of nodes whose checks this instance runs. A changed set cancels the
-// in-flight health query so the new set is loaded at once; an empty set stops every check.
+// SetNodes replaces the set of nodes whose checks this instance runs. The checks of nodes that left
+// the set stop at once, without waiting for a health query: those nodes have a new owner, and
+// while Consul cannot be queried both would run and write them. A changed set also cancels the
+// in-flight health query so the new set is loaded at once.
 func (r *CheckRunner) SetNodes(nodes []string) {
 	nodes = slices.Clone(nodes)
 	sort.Strings(nodes)
@@ -247,7 +249,24 @@ func (r *CheckRunner) SetNodes(nodes []string) {
 		r.cancelQuery()
 	}
 	r.nodesMu.Unlock()
+	r.dropUnassigned(nodes)
 	signalChan(r.nodesChanged)
+}
+
+// dropUnassigned stops the checks of nodes not in nodes (sorted).
+func (r *CheckRunner) dropUnassigned(nodes []string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	removed := 0
+	for _, st := range r.states {
+		if _, ok := slices.BinarySearch(nodes, st.check.Node); !ok {
+			r.dropState(st)
+			removed++
+		}
+	}
+	if removed > 0 {
+		r.logger.Info("Stopped the checks of nodes no longer assigned", "removed", removed, "count", len(r.states))
+	}
 }
 
 // Nodes returns the current node set.
@@ -582,10 +601,16 @@ func (r *CheckRunner) reconcile(checks []*catalogCheck, nodeCount int) {
 	logf := func(msg string, args ...any) { logs = append(logs, logLine{msg, args}) }
 
 	r.mu.Lock()
+	// A load that started before the assignment shrank must not restart what SetNodes stopped;
+	// reading the set under mu orders this against SetNodes' dropUnassigned.
+	assigned := r.Nodes()
 	seen := make(map[string]struct{}, len(checks))
 	var added, updated, removed, found, passing int
 	services := make(map[string]struct{})
 	for _, c := range checks {
+		if _, ok := slices.BinarySearch(assigned, c.Node); !ok {
+			continue
+		}
 		key := c.checkKey()
 		if _, dup := seen[key]; dup {
 			continue

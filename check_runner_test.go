@@ -912,11 +912,14 @@ func TestCheckRunnerDefsEqual(t *testing.T) {
 
 // crSyntheticChecks builds n checks on 10 fake nodes; odd ones already carry the output the
 // target will produce (no write), even ones start critical (a write the writer must handle).
+// crSyntheticNodes are the nodes of crSyntheticChecks; reconcile runs only checks of assigned nodes.
+var crSyntheticNodes = []string{"syn-0", "syn-1", "syn-2", "syn-3", "syn-4", "syn-5", "syn-6", "syn-7", "syn-8", "syn-9"}
+
 func crSyntheticChecks(n int, url string, modifyIndex uint64, keyOffset int) []*catalogCheck {
 	out := make([]*catalogCheck, n)
 	for i := range out {
 		c := &catalogCheck{
-			Node:        fmt.Sprintf("syn-%d", i%10),
+			Node:        crSyntheticNodes[i%len(crSyntheticNodes)],
 			CheckID:     fmt.Sprintf("check-%d", i+keyOffset),
 			Status:      statusPassing,
 			Output:      fmt.Sprintf("HTTP GET %s: 200 OK Output: ok", url),
@@ -941,6 +944,7 @@ func TestCheckRunnerGoroutinesAfterChurn(t *testing.T) {
 	r := crStart(t, nil, nil, func(r *CheckRunner) { r.sched.idle = 300 * time.Millisecond })
 	// The synthetic nodes are not in any Consul (the agent points at 127.0.0.1:1): every write of the
 	// even checks fails and is reverted, which churns the writer too.
+	r.SetNodes(crSyntheticNodes)
 	r.reconcile(crSyntheticChecks(1000, tg.URL+"/a", 10, 0), 10)
 	waitFor(t, 15*time.Second, func() error {
 		if n := tg.count("/a"); n < 1000 {
@@ -1099,6 +1103,7 @@ func TestDecodeChecks(t *testing.T) {
 	// one as the fresh decode.
 	held := &catalogCheck{Node: "n1", CheckID: "a", Status: statusPassing, ModifyIndex: 7,
 		Definition: checkDefinition{HTTP: "http://127.0.0.1:1/", Interval: durationField(time.Hour)}}
+	r.SetNodes(nodes)
 	r.reconcile([]*catalogCheck{held}, 1)
 	for _, tc := range []struct {
 		index uint64
@@ -1113,4 +1118,32 @@ func TestDecodeChecks(t *testing.T) {
 			t.Errorf("index %d: held copy returned %v, want %v", tc.index, got[0] == held, tc.same)
 		}
 	}
+}
+
+// TestCheckRunnerShrinkStopsAtOnce: nodes taken out of the assignment stop being checked at once,
+// also while Consul cannot be queried (their new owner runs them already; two owners writing the
+// same checks is what the assignment exists to prevent).
+func TestCheckRunnerShrinkStopsAtOnce(t *testing.T) {
+	srv := newTestConsul(t)
+	proxy := newFaultProxy(t, srv.HTTPAddr)
+	tg := crNewTarget(t)
+	interval := 100 * time.Millisecond
+	crRegister(t, srv.Client, "shrink-keep", "", crHTTPCheck("keep", tg.URL+"/keep", interval))
+	crRegister(t, srv.Client, "shrink-gone", "", crHTTPCheck("gone", tg.URL+"/gone", interval))
+	r := crStart(t, srv, func(c *Config) { c.HTTPAddr = proxy.Listener.Addr().String() }, nil)
+	r.SetNodes([]string{"shrink-gone", "shrink-keep"})
+	crWaitRunning(t, r, 2)
+	waitFor(t, 5*time.Second, func() error {
+		if tg.count("/gone") < 2 {
+			return errNotYet
+		}
+		return nil
+	})
+
+	proxy.mode.Store(fault500)
+	r.SetNodes([]string{"shrink-keep"})
+	if _, checks, _ := r.Stats(); checks != 1 {
+		t.Errorf("running %d checks right after the assignment shrank, want 1", checks)
+	}
+	crStopped(t, tg, "/gone", "/keep")
 }
