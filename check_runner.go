@@ -122,6 +122,12 @@ type CheckRunner struct {
 	limitsMu sync.Mutex
 	limits   map[string]*targetLimit // by probe target, while any running check uses it
 
+	// known is the highest checks-table index this runner has seen Consul confirm (loads, our own
+	// writes); a later answer below it means Consul's state went back. retakeNext asks the loader
+	// to take the catalog's copy of every check on its next load.
+	known      atomic.Uint64
+	retakeNext atomic.Bool
+
 	runs     atomic.Uint64 // completed probe runs (tests, throughput measurement)
 	loads    atomic.Uint64 // successful health-state loads (tests)
 	blocking atomic.Bool   // a blocking health-state query is in flight (tests)
@@ -315,6 +321,7 @@ func (r *CheckRunner) Run(ctx context.Context) {
 	start(r.loadLoop)
 	start(r.writer.loop)
 	start(r.reapLoop)
+	start(r.watchIndex)
 	<-ctx.Done()
 	r.baseCancel()
 	wg.Wait()
@@ -381,6 +388,10 @@ func (r *CheckRunner) loadLoop(ctx context.Context) {
 			// A new assignment starts a fresh, non-blocking query and skips the load gap.
 			gen, idx, lastStart = curGen, 0, time.Time{}
 		}
+		retake := r.retakeNext.Swap(false)
+		if retake {
+			idx, lastStart = 0, time.Time{}
+		}
 		if len(nodes) == 0 {
 			cancel()
 			metrics.SetGauge(nodesMonitor, 0)
@@ -402,6 +413,7 @@ func (r *CheckRunner) loadLoop(ctx context.Context) {
 		}
 		lastStart = time.Now()
 		r.blocking.Store(idx > 0)
+		known := r.known.Load() // before the query: all of it is in any state the query can see
 		checks, meta, arrived, err := r.fetchChecks(qctx, nodes, idx)
 		r.blocking.Store(false)
 		reassigned := qctx.Err() != nil && ctx.Err() == nil
@@ -419,6 +431,9 @@ func (r *CheckRunner) loadLoop(ctx context.Context) {
 				failing = true
 			}
 			idx = 0
+			if retake {
+				r.retakeNext.Store(true)
+			}
 			r.waitAssignment(ctx, retry.next())
 			continue
 		}
@@ -428,21 +443,78 @@ func (r *CheckRunner) loadLoop(ctx context.Context) {
 		}
 		retry.reset()
 		r.agent.status.contact()
+		if meta.LastIndex < known {
+			retake = true
+		}
+		if retake {
+			r.logger.Warn("Consul's index went backwards (snapshot restore?), taking the catalog's copy of every check",
+				"index", meta.LastIndex, "known", known)
+			r.known.Store(meta.LastIndex)
+		} else {
+			r.raiseKnown(meta.LastIndex)
+		}
 		metrics.SetGauge(nodesMonitor, float32(len(nodes)))
-		r.reconcile(checks, len(nodes))
+		r.reconcileAt(checks, len(nodes), meta.LastIndex, retake)
 		r.loads.Add(1)
 		hadChecks = len(checks)
 		if !arrived.IsZero() {
 			metrics.MeasureSince(fetchAndUpd, arrived)
 		}
-		// An index going backwards means Consul's state was reset (snapshot restore): start over.
-		if meta.LastIndex < idx {
-			idx = 0
-		} else {
-			idx = meta.LastIndex
+		idx = meta.LastIndex
+	}
+}
+
+// raiseKnown records that Consul confirmed index.
+func (r *CheckRunner) raiseKnown(index uint64) {
+	for {
+		cur := r.known.Load()
+		if index <= cur || r.known.CompareAndSwap(cur, index) {
+			return
 		}
 	}
 }
+
+// indexProbeInterval is how often watchIndex asks for the checks table's index: half the shortest
+// check interval (1 s), so a regression is noticed within one interval of any check.
+const indexProbeInterval = minCheckInterval / 2
+
+// watchIndex notices a regression of Consul's state the loader cannot see: after a snapshot
+// restore the checks table may be back at an index at or below the one the loader waits on, and
+// its blocking query then returns only at its wait time (45 s). A check whose result does not
+// change would keep the restored status meanwhile. It asks for the table's index (an empty
+// node's checks: a tiny answer carrying it) and, when it is below what Consul had confirmed before
+// the request was sent, makes the loader take the catalog's copies at once.
+func (r *CheckRunner) watchIndex(ctx context.Context) {
+	t := time.NewTicker(indexProbeInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if _, checks, _ := r.Stats(); checks == 0 {
+			continue
+		}
+		known := r.known.Load()
+		_, meta, err := r.agent.client.Health().Node(indexProbeNode, r.agent.queryOptions(ctx))
+		if err != nil || meta.LastIndex >= known || r.retakeNext.Load() {
+			continue
+		}
+		r.logger.Debug("Checks table index below the known one", "index", meta.LastIndex, "known", known)
+		r.retakeNext.Store(true)
+		r.nodesMu.Lock()
+		if r.cancelQuery != nil {
+			r.cancelQuery()
+		}
+		r.nodesMu.Unlock()
+		signalChan(r.nodesChanged)
+	}
+}
+
+// indexProbeNode is the node watchIndex asks about; whether it exists does not matter, the answer
+// carries the index of the whole checks table either way.
+const indexProbeNode = "consul-esm-index-probe"
 
 // loadGap is the pause between loads for a given number of checks (see minLoadGap).
 func (r *CheckRunner) loadGap(checks int) time.Duration {
@@ -499,8 +571,9 @@ func (r *CheckRunner) fetchChecks(ctx context.Context, nodes []string, idx uint6
 }
 
 // decodeChecks reads a JSON array of health checks and returns those on nodes (sorted), without the
-// prober's externalNodeHealth checks. A check already held at the same or a newer ModifyIndex is
-// returned as the held copy, which reconcile treats as unchanged.
+// prober's externalNodeHealth checks. A check already held at the same ModifyIndex is returned as
+// the held copy, which reconcile treats as unchanged; an older one is returned as decoded, for
+// reconcileAt to tell a stale read from a catalog that went back.
 func (r *CheckRunner) decodeChecks(body io.Reader, nodes []string) ([]*catalogCheck, error) {
 	dec := json.NewDecoder(body)
 	tok, err := dec.Token()
@@ -539,12 +612,12 @@ func (r *CheckRunner) decodeChecks(body io.Reader, nodes []string) ([]*catalogCh
 	return out, nil
 }
 
-// heldCopy returns the runner's copy of c when it is at least as new as c.
+// heldCopy returns the runner's copy of c when it is at c's index.
 func (r *CheckRunner) heldCopy(c *catalogCheck) *catalogCheck {
 	key := c.checkKey()
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if st := r.states[key]; st != nil && c.ModifyIndex <= st.check.ModifyIndex {
+	if st := r.states[key]; st != nil && c.ModifyIndex == st.check.ModifyIndex {
 		return st.check
 	}
 	return nil
@@ -592,6 +665,14 @@ func (r *CheckRunner) namespaceWildcard() string {
 // reconcile makes the running checks match checks (the complete list for our nodes): new checks
 // start, checks whose definition changed restart, missing ones stop — also when checks is empty.
 func (r *CheckRunner) reconcile(checks []*catalogCheck, nodeCount int) {
+	r.reconcileAt(checks, nodeCount, 0, false)
+}
+
+// reconcileAt is reconcile for checks read from Consul's state at index asOf. A copy older than
+// ours is normally a stale read (or a load that started before our write): ours stays. It is the
+// catalog's truth when asOf covers our copy's index, since that state contains every write up to
+// asOf unless the state went back, or when retake says the state went back (snapshot restore).
+func (r *CheckRunner) reconcileAt(checks []*catalogCheck, nodeCount int, asOf uint64, retake bool) {
 	defer metrics.MeasureSince([]string{"checks", "update"}, time.Now())
 	type logLine struct {
 		msg  string
@@ -650,10 +731,15 @@ func (r *CheckRunner) reconcile(checks []*catalogCheck, nodeCount int) {
 			}
 			continue
 		}
-		if c.ModifyIndex <= st.check.ModifyIndex {
+		if c.ModifyIndex == st.check.ModifyIndex ||
+			(c.ModifyIndex < st.check.ModifyIndex && !retake && st.check.ModifyIndex > asOf) {
 			// Not newer than what we know (a stale read, or our own write already recorded).
 			found++
 			continue
+		}
+		if c.ModifyIndex < st.check.ModifyIndex {
+			// The catalog went back: its output is as old as its status, so write the next at once.
+			st.fresh = true
 		}
 		r.refreshCatalog(st, c)
 		if defsEqual(&st.def, &c.Definition) {

@@ -1,9 +1,11 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -1099,8 +1101,8 @@ func TestDecodeChecks(t *testing.T) {
 		t.Fatalf("fields leaked between checks: %+v / %+v", got[0], got[1])
 	}
 
-	// Once running, a check at the same ModifyIndex comes back as the runner's own copy, a newer
-	// one as the fresh decode.
+	// Once running, a check at the same ModifyIndex comes back as the runner's own copy, a newer or
+	// an older one as the fresh decode (reconcileAt decides whether an older one is a stale read).
 	held := &catalogCheck{Node: "n1", CheckID: "a", Status: statusPassing, ModifyIndex: 7,
 		Definition: checkDefinition{HTTP: "http://127.0.0.1:1/", Interval: durationField(time.Hour)}}
 	r.SetNodes(nodes)
@@ -1108,7 +1110,7 @@ func TestDecodeChecks(t *testing.T) {
 	for _, tc := range []struct {
 		index uint64
 		same  bool
-	}{{6, true}, {7, true}, {8, false}} {
+	}{{6, false}, {7, true}, {8, false}} {
 		body := fmt.Sprintf(`[{"Node":"n1","CheckID":"a","Status":"passing","ModifyIndex":%d,"Definition":{"HTTP":"http://127.0.0.1:1/","Interval":"1h"}}]`, tc.index)
 		got, err := r.decodeChecks(strings.NewReader(body), nodes)
 		if err != nil || len(got) != 1 {
@@ -1146,4 +1148,76 @@ func TestCheckRunnerShrinkStopsAtOnce(t *testing.T) {
 		t.Errorf("running %d checks right after the assignment shrank, want 1", checks)
 	}
 	crStopped(t, tg, "/gone", "/keep")
+}
+
+// TestCheckRunnerConvergesAfterSnapshotRestore: a snapshot restore brings back an old status with a
+// lower ModifyIndex than the runner's copy. The runner must take the catalog's copy, so a target
+// whose result does not change is written again within two intervals.
+func TestCheckRunnerConvergesAfterSnapshotRestore(t *testing.T) {
+	srv := newTestConsul(t)
+	tg := crNewTarget(t)
+	tg.code.Store(http.StatusInternalServerError)
+	interval := time.Second
+	crRegister(t, srv.Client, "restore-node", "", crHTTPCheck("c", tg.URL+"/c", interval))
+	r := crStart(t, srv, nil, nil)
+	r.SetNodes([]string{"restore-node"})
+	crWaitCheck(t, srv.Client, "restore-node", "c", 10*time.Second, crStatus(statusCritical, "500"))
+
+	snap, _, err := srv.Client.Snapshot().Save(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	data, err := io.ReadAll(snap)
+	snap.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	tg.code.Store(http.StatusOK)
+	crWaitCheck(t, srv.Client, "restore-node", "c", 10*time.Second, crStatus(statusPassing, "200 OK"))
+	if err := srv.Client.Snapshot().Restore(nil, bytes.NewReader(data)); err != nil {
+		t.Fatal(err)
+	}
+	restored := time.Now()
+	if c, err := crGetCheck(srv.Client, "restore-node", "c"); err != nil || c == nil || c.Status != statusCritical {
+		t.Fatalf("after the restore the check is %+v (%v), want the snapshot's critical", c, err)
+	}
+	crWaitCheck(t, srv.Client, "restore-node", "c", 10*time.Second, crStatus(statusPassing, "200 OK"))
+	took := time.Since(restored)
+	t.Logf("passing again %s after the snapshot restore", took)
+	if took > 2*interval {
+		t.Errorf("status converged %s after the restore, want within two intervals (%s)", took, 2*interval)
+	}
+}
+
+// TestReconcileOlderCopy: a catalog copy older than the runner's is a stale read unless the state
+// it came from covers the runner's index (then the catalog went back) or a regression was seen.
+func TestReconcileOlderCopy(t *testing.T) {
+	r := crStart(t, nil, nil, nil)
+	r.SetNodes([]string{"n1"})
+	check := func(index uint64, status string) *catalogCheck {
+		return &catalogCheck{Node: "n1", CheckID: "a", Status: status, ModifyIndex: index,
+			Definition: checkDefinition{HTTP: "http://127.0.0.1:1/", Interval: durationField(time.Hour)}}
+	}
+	status := func() string {
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		return r.states["n1/a"].check.Status
+	}
+	for _, tc := range []struct {
+		name   string
+		asOf   uint64
+		retake bool
+		want   string
+	}{
+		{"stale read (state before our index)", 19, false, statusPassing},
+		{"state covers our index: the catalog went back", 25, false, statusCritical},
+		{"regression seen", 19, true, statusCritical},
+	} {
+		r.reconcile([]*catalogCheck{check(20, statusPassing)}, 1)
+		r.reconcileAt([]*catalogCheck{check(18, statusCritical)}, 1, tc.asOf, tc.retake)
+		if got := status(); got != tc.want {
+			t.Errorf("%s: runner holds %s, want %s", tc.name, got, tc.want)
+		}
+		r.reconcile(nil, 0)
+	}
 }

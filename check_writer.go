@@ -591,6 +591,7 @@ func (w *checkWriter) apply(op *pendingWrite) {
 	}
 	st.check = &c
 	st.refused = false
+	r.raiseKnown(c.ModifyIndex)
 	if c.Status == statusCritical {
 		if st.criticalSince.IsZero() {
 			st.criticalSince = time.Now()
