@@ -59,12 +59,16 @@ type Agent struct {
 	shutdownStop context.CancelFunc
 }
 
-// alreadyExistsError is returned by Run when another live instance holds our service ID.
+// alreadyExistsError is register's answer while a live-looking registration holds our service ID;
+// startup waits for it to expire.
 type alreadyExistsError struct{ serviceID string }
 
 func (e *alreadyExistsError) Error() string {
 	return fmt.Sprintf("ESM instance with service id '%s' is already registered with Consul", e.serviceID)
 }
+
+// takeoverPoll is how often startup looks again at a live-looking registration with our service ID.
+const takeoverPoll = time.Second
 
 // shutdownBudget bounds every Consul call made while shutting down, so the process exits promptly
 // even when Consul is unreachable.
@@ -236,6 +240,7 @@ func (a *Agent) startup(ctx context.Context) error {
 	}
 	a.printBanner()
 	b.reset()
+	waiting := false
 	for {
 		err := a.register(ctx)
 		if err == nil {
@@ -245,7 +250,19 @@ func (a *Agent) startup(ctx context.Context) error {
 			return nil
 		}
 		var exists *alreadyExistsError
-		if errors.As(err, &exists) || !isRetryable(err) {
+		if errors.As(err, &exists) {
+			// Usually our own previous process, crashed moments ago: its TTL check passes until it
+			// expires. Exiting would only make a supervisor restart us into the same answer until
+			// it gives up, so wait for the registration to die and take it over.
+			if !waiting {
+				a.logger.Warn("Waiting for the registration with this service id to expire before taking it over",
+					"error", err, "service_id", a.serviceID)
+				waiting = true
+			}
+			sleepCtx(ctx, takeoverPoll)
+			continue
+		}
+		if !isRetryable(err) {
 			return err
 		}
 		a.logger.Error("Failed to register ESM service (will retry)", "error", err)
