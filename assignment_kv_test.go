@@ -164,13 +164,10 @@ func TestAssignmentOf50kNodes(t *testing.T) {
 	cfg.Telemetry.PrometheusRetentionTime = time.Minute
 	cfg.Telemetry.DisableHostname = true
 	first := startAgent(t, cfg)
+	base := waitHTTPBase(t, first)
 	health := func() healthReport {
 		t.Helper()
-		addr := first.telemetry.HTTPAddr()
-		if addr == "" {
-			return healthReport{}
-		}
-		_, body := httpGet(t, "http://"+addr+"/health")
+		_, body := httpGet(t, base+"/health")
 		var r healthReport
 		_ = json.Unmarshal([]byte(body), &r)
 		return r

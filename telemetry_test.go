@@ -39,6 +39,20 @@ func httpGet(t testing.TB, url string, header ...string) (int, string) {
 	return resp.StatusCode, string(b)
 }
 
+// waitHTTPBase waits until ra's HTTP interface listens and returns its base URL.
+func waitHTTPBase(t testing.TB, ra *runningAgent) string {
+	t.Helper()
+	var base string
+	waitFor(t, 15*time.Second, func() error {
+		if addr := ra.telemetry.HTTPAddr(); addr != "" {
+			base = "http://" + addr
+			return nil
+		}
+		return errNotYet
+	})
+	return base
+}
+
 // TestTelemetryHTTPEndToEnd runs an agent against a real Consul with Prometheus and pprof enabled,
 // scrapes /metrics for the original's series, and watches /health go from 200 to 503 once Consul
 // is gone.
@@ -51,14 +65,7 @@ func TestTelemetryHTTPEndToEnd(t *testing.T) {
 	cfg.Telemetry.DisableHostname = true
 	ra := startAgent(t, cfg)
 
-	var base string
-	waitFor(t, 15*time.Second, func() error {
-		if addr := ra.telemetry.HTTPAddr(); addr != "" {
-			base = "http://" + addr
-			return nil
-		}
-		return errNotYet
-	})
+	base := waitHTTPBase(t, ra)
 
 	var report healthReport
 	waitFor(t, 15*time.Second, func() error {
@@ -505,14 +512,7 @@ func TestHealthIgnoresSingleFailedWrite(t *testing.T) {
 	cfg := testConfig(srv)
 	cfg.ClientAddress = "127.0.0.1:0"
 	ra := startAgent(t, cfg)
-	var base string
-	waitFor(t, 15*time.Second, func() error {
-		if addr := ra.telemetry.HTTPAddr(); addr != "" {
-			base = "http://" + addr
-			return nil
-		}
-		return errNotYet
-	})
+	base := waitHTTPBase(t, ra)
 
 	refusedSince := time.Time{}
 	waitFor(t, 15*time.Second, func() error {
