@@ -20,7 +20,7 @@ import (
 // it spends doing so. It is skipped unless ESM_BENCH=1. Knobs: ESM_BENCH_CHECKS (default 10000),
 // ESM_BENCH_INTERVAL (default 10s), ESM_BENCH_SECONDS (measurement window, default 20),
 // ESM_BENCH_TARGETS (listening ports the checks are spread over, default 50: real checks hit many
-// hosts, and the probes keep at most 32 idle connections per host).
+// hosts).
 //
 // The target HTTP server runs in a child process (this test binary re-executed) so the CPU numbers
 // are the runner's alone. The checks are fed to reconcile directly and already carry the output the

@@ -54,14 +54,6 @@ const (
 	// checks, so the pool is never larger than goroutine-per-check would be, and idle workers exit.
 	minWorkers        = 64
 	workerIdleTimeout = 10 * time.Second
-
-	// maxProbesPerTarget bounds the concurrent probes of one target (host:port). The HTTP probes keep
-	// 32 idle connections per host (checks.go); beyond that every extra concurrent request dials and
-	// closes a connection, which slows the target, which raises concurrency further. Measured against
-	// one target (20k checks every 5s): 2.5k probes/s at 80% of a core without the limit, the full
-	// 4k/s at 44% with it. Waiting for a slot keeps connections reused, and a hanging target only
-	// delays its own checks.
-	maxProbesPerTarget = 32
 )
 
 // runnerSettings are the config values the runner reads on every result; Reload swaps them.
@@ -91,7 +83,7 @@ func settingsFrom(cfg *Config) *runnerSettings {
 //   - the writer batches status changes into CAS transactions (check_writer.go);
 //   - the reaper deregisters services whose check stayed critical past DeregisterCriticalServiceAfter.
 //
-// Lock order: mu before sched.mu, writer.mu and limitsMu; none of those is held while taking mu.
+// Lock order: mu before sched.mu and writer.mu; none of those is held while taking mu.
 type CheckRunner struct {
 	agent    *Agent
 	logger   hclog.Logger
@@ -118,9 +110,6 @@ type CheckRunner struct {
 
 	sched  *checkScheduler
 	writer *checkWriter
-
-	limitsMu sync.Mutex
-	limits   map[string]*targetLimit // by probe target, while any running check uses it
 
 	// known is the highest checks-table index this runner has seen Consul confirm (loads, our own
 	// writes); a later answer below it means Consul's state went back. retakeNext asks the loader
@@ -168,7 +157,6 @@ type checkTask struct {
 	interval time.Duration
 	ctx      context.Context
 	cancel   context.CancelFunc
-	limit    *targetLimit
 
 	// guarded by checkScheduler.mu
 	next    time.Time
@@ -224,7 +212,6 @@ func newCheckRunner(a *Agent, tlsCfg *tls.Config) *CheckRunner {
 		nodesChanged: make(chan struct{}, 1),
 		states:       make(map[string]*checkState),
 		unsupported:  make(map[string]checkDefinition),
-		limits:       make(map[string]*targetLimit),
 	}
 	if r.logger == nil {
 		r.logger = hclog.NewNullLogger()
@@ -308,7 +295,6 @@ func (r *CheckRunner) Stats() (nodes, checks, passing int) {
 
 // Run runs the checks until ctx ends. It may be called once.
 func (r *CheckRunner) Run(ctx context.Context) {
-	defer r.prober.close()
 	var wg sync.WaitGroup
 	start := func(f func(context.Context)) {
 		wg.Add(1)
@@ -836,8 +822,7 @@ func (r *CheckRunner) startTask(st *checkState, c *catalogCheck, kind string, lo
 		return false
 	}
 	ctx, cancel := context.WithCancel(r.baseCtx)
-	t := &checkTask{st: st, kind: kind, probe: probe, interval: interval, ctx: ctx, cancel: cancel, index: -1,
-		limit: r.acquireLimit(probeTarget(&def))}
+	t := &checkTask{st: st, kind: kind, probe: probe, interval: interval, ctx: ctx, cancel: cancel, index: -1}
 	st.task = t
 	st.fresh = true
 	r.sched.add(t, time.Now().Add(rand.N(interval)))
@@ -851,7 +836,6 @@ func (r *CheckRunner) stopTask(st *checkState) {
 	}
 	r.sched.remove(st.task)
 	st.task.cancel()
-	r.releaseLimit(st.task.limit)
 	st.task = nil
 	r.writer.cancelDefer(st)
 }
@@ -892,13 +876,6 @@ var (
 
 // runTask runs one probe on a worker and hands the result on.
 func (r *CheckRunner) runTask(t *checkTask) {
-	select {
-	case t.limit.slots <- struct{}{}:
-		defer func() { <-t.limit.slots }()
-	case <-t.ctx.Done():
-		r.sched.finished(t)
-		return
-	}
 	start := time.Now()
 	status, output := t.probe(t.ctx)
 	elapsed := time.Since(start)
@@ -1012,54 +989,6 @@ func (r *CheckRunner) handleResult(t *checkTask, status, output string) {
 		return
 	}
 	r.writer.deferWrite(st, set.checkUpdateInterval)
-}
-
-// targetLimit is the probe slots of one target, shared by the checks probing it.
-type targetLimit struct {
-	key   string
-	slots chan struct{}
-	refs  int // guarded by CheckRunner.limitsMu
-}
-
-// probeTarget is the host:port a definition probes (the URL's host for HTTP), the unit of
-// maxProbesPerTarget.
-func probeTarget(d *checkDefinition) string {
-	switch {
-	case d.HTTP != "":
-		if u, err := url.Parse(d.HTTP); err == nil && u.Host != "" {
-			return u.Scheme + "://" + u.Host
-		}
-		return d.HTTP
-	case d.TCP != "":
-		return "tcp://" + d.TCP
-	case d.UDP != "":
-		return "udp://" + d.UDP
-	case d.GRPC != "":
-		server, _, _ := strings.Cut(d.GRPC, "/")
-		return "grpc://" + server
-	default:
-		return "h2ping://" + d.H2PING
-	}
-}
-
-func (r *CheckRunner) acquireLimit(key string) *targetLimit {
-	r.limitsMu.Lock()
-	defer r.limitsMu.Unlock()
-	l := r.limits[key]
-	if l == nil {
-		l = &targetLimit{key: key, slots: make(chan struct{}, maxProbesPerTarget)}
-		r.limits[key] = l
-	}
-	l.refs++
-	return l
-}
-
-func (r *CheckRunner) releaseLimit(l *targetLimit) {
-	r.limitsMu.Lock()
-	defer r.limitsMu.Unlock()
-	if l.refs--; l.refs == 0 {
-		delete(r.limits, l.key)
-	}
 }
 
 // ---------------------------------------------------------------------------------------------

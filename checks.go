@@ -10,12 +10,11 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"net/http/httptrace"
 	"strconv"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
+	"unicode/utf8"
 
 	"golang.org/x/net/http2"
 	"google.golang.org/grpc"
@@ -43,6 +42,11 @@ const (
 	// code already decided the result, so past this point reading only keeps a runaway or streaming
 	// endpoint (or a decompression bomb) occupying the check until its timeout.
 	httpBodyReadCap = 1 << 20
+
+	// maxResponseHeaderBytes bounds a response's status line and headers (net/http's default is
+	// 10 MiB). A health endpoint's head is a few hundred bytes; this is net/http's server-side
+	// default, so an endless status line or a non-HTTP stream costs a run at most this much.
+	maxResponseHeaderBytes = 1 << 20
 
 	// checkUserAgent and checkAccept are the headers Consul's HTTP check sends when the definition
 	// has none; some endpoints vary their answer on them.
@@ -186,65 +190,48 @@ type tlsKey struct {
 	serverName string
 }
 
-// prober builds probes and owns what they share: the TLS base from the https_* settings and one
-// HTTP transport per TLS variant, so HTTP checks reuse kept-alive connections instead of paying a
-// TCP (and TLS) handshake on every run as Consul's checks do. Plain-HTTP requests that net/http
-// would write the same way go through the lean h1Client instead (see http1_client.go).
+// dialFunc opens a connection; every probe dials through the prober's, so a test can see (and steer)
+// what each run connects to.
+type dialFunc func(ctx context.Context, network, addr string) (net.Conn, error)
+
+// prober builds probes and owns what they share: the TLS base from the https_* settings, the dialer
+// and one HTTP transport per TLS variant.
 //
-// gRPC connections are deliberately not cached: a cached ClientConn backs off between reconnects
-// (up to two minutes), which would delay noticing a recovered target, and probes have no release
-// hook through which a removed check could give its connection back.
+// Nothing a probe uses outlives its run: keep-alives are off, as in Consul's own checks, so every run
+// resolves the host name, dials, handshakes and closes. A kept connection would go on answering for a
+// service whose listener is closed, whose name now points elsewhere or whose certificate was replaced;
+// each run must see the target as a new client would. The transports are kept only because they hold
+// nothing between runs but their settings.
 type prober struct {
 	mu         sync.Mutex
 	tlsBase    *tls.Config
 	transports map[tlsKey]*http.Transport
+	dial       dialFunc
 	// bodyBufs recycles the response-body buffers of HTTP runs: at thousands of runs per second a
 	// fresh 8 KiB buffer per run was half of all bytes the runner allocated.
 	bodyBufs sync.Pool
-	// h1 sends plain-HTTP requests without net/http's per-connection goroutines; nil sends
-	// everything through net/http (tests compare the two).
-	h1 *h1Client
 }
 
 func newProber(tlsBase *tls.Config) *prober {
-	p := &prober{transports: make(map[tlsKey]*http.Transport), h1: newH1Client()}
+	// No TCP keep-alive probes: a connection lives for one run, and setting them up is three more
+	// system calls per run.
+	p := &prober{transports: make(map[tlsKey]*http.Transport), dial: (&net.Dialer{KeepAlive: -1}).DialContext}
 	if tlsBase != nil {
 		p.tlsBase = tlsBase.Clone()
 	}
 	return p
 }
 
-// setTLS replaces the TLS base (SIGHUP reload). Existing probes pick it up on their next run
-// because they look up transports and TLS configs per run; old transports' idle connections are
-// closed so no check keeps talking with the previous certificates.
+// setTLS replaces the TLS base (SIGHUP reload). Existing probes pick it up on their next run because
+// they look up transports and TLS configs per run.
 func (p *prober) setTLS(tlsBase *tls.Config) {
 	if tlsBase != nil {
 		tlsBase = tlsBase.Clone()
 	}
 	p.mu.Lock()
 	p.tlsBase = tlsBase
-	old := p.transports
 	p.transports = make(map[tlsKey]*http.Transport)
 	p.mu.Unlock()
-	for _, t := range old {
-		t.CloseIdleConnections()
-	}
-}
-
-// close drops idle HTTP connections. Probes still work afterwards; they simply dial again.
-func (p *prober) close() {
-	p.mu.Lock()
-	ts := make([]*http.Transport, 0, len(p.transports))
-	for _, t := range p.transports {
-		ts = append(ts, t)
-	}
-	p.mu.Unlock()
-	for _, t := range ts {
-		t.CloseIdleConnections()
-	}
-	if p.h1 != nil {
-		p.h1.closeIdle()
-	}
 }
 
 // tlsConfig returns a fresh config for one check: a clone of the base (mTLS material, CAs) with
@@ -264,31 +251,24 @@ func (p *prober) tlsConfig(k tlsKey) *tls.Config {
 	return cfg
 }
 
+// transport returns the HTTP transport for one TLS variant, built as Consul builds its check
+// client's: keep-alives off, proxies from the environment, HTTP/2 when TLS offers it.
 func (p *prober) transport(k tlsKey) *http.Transport {
+	cfg := p.tlsConfig(k)
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if t, ok := p.transports[k]; ok {
 		return t
 	}
-	base := &tls.Config{}
-	if p.tlsBase != nil {
-		base = p.tlsBase.Clone()
-	}
-	base.InsecureSkipVerify = k.skipVerify
-	if k.serverName != "" {
-		base.ServerName = k.serverName
-	}
 	t := &http.Transport{
-		// Consul's checks honour HTTP(S)_PROXY, so a drop-in replacement must too.
-		Proxy:                 http.ProxyFromEnvironment,
-		DialContext:           (&net.Dialer{Timeout: 30 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
-		TLSClientConfig:       base,
-		ForceAttemptHTTP2:     true,
-		MaxIdleConns:          0, // no total cap: per host is the bound that matters, and a total cap below hosts x per-host makes busy transports reopen connections
-		MaxIdleConnsPerHost:   32,
-		IdleConnTimeout:       90 * time.Second,
-		TLSHandshakeTimeout:   10 * time.Second,
-		ExpectContinueTimeout: time.Second,
+		Proxy:                  http.ProxyFromEnvironment,
+		DialContext:            p.dial,
+		TLSClientConfig:        cfg,
+		ForceAttemptHTTP2:      true,
+		DisableKeepAlives:      true,
+		MaxResponseHeaderBytes: maxResponseHeaderBytes,
+		TLSHandshakeTimeout:    10 * time.Second,
+		ExpectContinueTimeout:  time.Second,
 	}
 	p.transports[k] = t
 	return t
@@ -303,20 +283,32 @@ func (p *prober) newProbe(d *checkDefinition, timeout time.Duration) (probeFunc,
 	if timeout <= 0 {
 		timeout = defaultCheckTimeout
 	}
-	kind, why := d.kind()
-	switch kind {
+	key := tlsKey{d.TLSSkipVerify, d.TLSServerName}
+	maxOut := outputLimit(d.OutputMaxSize)
+	var probe probeFunc
+	switch kind, why := d.kind(); kind {
 	case "http":
-		return p.httpProbe(d, timeout), nil
+		probe = p.httpProbe(d, timeout)
 	case "tcp":
-		return p.tcpProbe(d.TCP, d.TCPUseTLS, tlsKey{d.TLSSkipVerify, d.TLSServerName}, timeout), nil
+		probe = p.tcpProbe(d.TCP, d.TCPUseTLS, key, timeout)
 	case "udp":
-		return udpProbe(d.UDP, timeout), nil
+		probe = p.udpProbe(d.UDP, timeout)
 	case "grpc":
-		return p.grpcProbe(d.GRPC, d.GRPCUseTLS, tlsKey{d.TLSSkipVerify, d.TLSServerName}, timeout), nil
+		probe = p.grpcProbe(d.GRPC, d.GRPCUseTLS, key, timeout)
 	case "h2ping":
-		return p.h2pingProbe(d.H2PING, d.H2PingUseTLS, tlsKey{d.TLSSkipVerify, d.TLSServerName}, timeout), nil
+		probe = p.h2pingProbe(d.H2PING, d.H2PingUseTLS, key, timeout)
+	default:
+		return nil, fmt.Errorf("cannot run check: %s", why)
 	}
-	return nil, fmt.Errorf("cannot run check: %s", why)
+	return func(ctx context.Context) (string, string) {
+		status, out := probe(ctx)
+		if status != statusPassing && status != statusWarning {
+			// An error text can quote what the target sent (a malformed status line of up to
+			// maxResponseHeaderBytes); the catalog gets no more than the check's output limit.
+			out = truncateOutput(out, maxOut)
+		}
+		return status, out
+	}, nil
 }
 
 // outputLimit applies Consul's rule: the check's OutputMaxSize can only lower the default.
@@ -325,6 +317,21 @@ func outputLimit(n int) int {
 		return n
 	}
 	return defaultOutputMaxSize
+}
+
+// truncateOutput cuts s to at most n bytes without splitting a UTF-8 sequence.
+func truncateOutput(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	s = s[:n]
+	for i := 0; i < utf8.UTFMax && len(s) > 0; i++ {
+		if r, size := utf8.DecodeLastRuneInString(s); r != utf8.RuneError || size != 1 {
+			break
+		}
+		s = s[:len(s)-1]
+	}
+	return s
 }
 
 func (p *prober) httpProbe(d *checkDefinition, timeout time.Duration) probeFunc {
@@ -350,63 +357,14 @@ func (p *prober) httpProbe(d *checkDefinition, timeout time.Duration) probeFunc 
 	key := tlsKey{d.TLSSkipVerify, d.TLSServerName}
 	// The closure below must not capture d: it would keep the whole catalog entry d points into
 	// alive after a reload replaced it, a kilobyte per check.
-	follow := !d.DisableRedirects
 	var redirect func(*http.Request, []*http.Request) error
-	if !follow {
+	if d.DisableRedirects {
 		redirect = func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }
 	}
-	var lean *h1Request
-	if p.h1 != nil {
-		lean = p.h1.newRequest(method, target, header, body)
-	}
-	// viaStdlib: this check's target answered with a redirect (or a 1xx), which net/http handles,
-	// so later runs go straight there.
-	var viaStdlib atomic.Bool
-
-	// verdict turns an answer into Consul's status and output.
-	verdict := func(status string, code int, body string) (string, string) {
-		out := fmt.Sprintf("HTTP %s %s: %s Output: %s", method, target, status, body)
-		switch {
-		case code >= 200 && code <= 299:
-			return statusPassing, out
-		case code == http.StatusTooManyRequests:
-			return statusWarning, out
-		default:
-			return statusCritical, out
-		}
-	}
 	return func(ctx context.Context) (string, string) {
-		deadline := time.Now().Add(timeout)
-		if lean != nil && !viaStdlib.Load() {
-			res, err := p.h1.do(ctx, lean, deadline, maxOut, follow, p.readTailFrom)
-			switch {
-			case err == nil:
-				return verdict(res.status, res.statusCode, res.output)
-			case !errors.Is(err, errH1Fallback):
-				return statusCritical, err.Error()
-			case res.statusCode != 0:
-				viaStdlib.Store(true)
-			}
-		}
-		resp, err := p.doHTTP(ctx, deadline, redirect, key, method, target, header, body)
+		req, err := http.NewRequestWithContext(ctx, method, target, strings.NewReader(body))
 		if err != nil {
 			return statusCritical, err.Error()
-		}
-		return verdict(resp.Status, resp.StatusCode, p.readTail(resp.Body, maxOut))
-	}
-}
-
-// doHTTP sends the request, retrying once when it failed on a reused keep-alive connection: the
-// server may have closed that idle connection just as it was picked, which says nothing about the
-// target's health (this race is why Consul disables keep-alives altogether).
-func (p *prober) doHTTP(ctx context.Context, deadline time.Time, redirect func(*http.Request, []*http.Request) error,
-	key tlsKey, method, target string, header http.Header, body string) (*http.Response, error) {
-	for attempt := 0; ; attempt++ {
-		var reused bool
-		trace := &httptrace.ClientTrace{GotConn: func(i httptrace.GotConnInfo) { reused = i.Reused }}
-		req, err := http.NewRequestWithContext(httptrace.WithClientTrace(ctx, trace), method, target, strings.NewReader(body))
-		if err != nil {
-			return nil, err
 		}
 		req.Header = header.Clone()
 		if host := req.Header.Get("Host"); host != "" {
@@ -414,33 +372,31 @@ func (p *prober) doHTTP(ctx context.Context, deadline time.Time, redirect func(*
 		}
 		// Client.Timeout rather than a context deadline keeps Consul's error text
 		// ("... (Client.Timeout exceeded while awaiting headers)").
-		client := &http.Client{Transport: p.transport(key), CheckRedirect: redirect, Timeout: time.Until(deadline)}
-		if client.Timeout <= 0 {
-			client.Timeout = time.Nanosecond
-		}
+		client := &http.Client{Transport: p.transport(key), CheckRedirect: redirect, Timeout: timeout}
 		resp, err := client.Do(req)
-		if err == nil {
-			return resp, nil
+		if err != nil {
+			return statusCritical, err.Error()
 		}
-		if attempt > 0 || !reused || ctx.Err() != nil || time.Until(deadline) <= 0 {
-			return nil, err
+		// A reason phrase may run to the header limit; no real one comes near the agent's output limit.
+		status := truncateOutput(resp.Status, defaultOutputMaxSize)
+		out := fmt.Sprintf("HTTP %s %s: %s Output: %s", method, target, status, p.readTail(resp.Body, maxOut))
+		switch {
+		case resp.StatusCode >= 200 && resp.StatusCode <= 299:
+			return statusPassing, out
+		case resp.StatusCode == http.StatusTooManyRequests:
+			return statusWarning, out
+		default:
+			return statusCritical, out
 		}
 	}
 }
 
 // readTail reads a response body and returns its last max bytes, as Consul's ring buffer keeps
-// them, holding no more than max bytes in memory. It stops after httpBodyReadCap bytes; closing
-// the body then discards the connection instead of draining an endless stream.
+// them, holding no more than a buffer of twice max bytes. It stops after httpBodyReadCap bytes:
+// Consul reads to EOF, but the status code has decided the result already, and an endless or
+// dripping body must not hold the check until its timeout.
 func (p *prober) readTail(body io.ReadCloser, max int) string {
 	defer body.Close()
-	out, _, _ := p.readTailFrom(body, max)
-	return out
-}
-
-// readTailFrom reads r up to httpBodyReadCap bytes and returns the last max of them, how many it
-// read, and the read error (nil at EOF). A read error (timeout, reset) mid-body still leaves a useful
-// status line; Consul likewise reports what it got.
-func (p *prober) readTailFrom(r io.Reader, max int) (string, int64, error) {
 	// ReadFrom leaves t.buf re-sliced to the tail, so the whole buffer is kept aside for reuse.
 	var buf []byte
 	if b, ok := p.bodyBufs.Get().(*[]byte); ok && cap(*b) >= tailBufferSize(max) {
@@ -449,10 +405,10 @@ func (p *prober) readTailFrom(r io.Reader, max int) (string, int64, error) {
 		buf = make([]byte, 0, tailBufferSize(max))
 	}
 	t := &tailBuffer{max: max, buf: buf}
-	n, err := t.ReadFrom(io.LimitReader(r, httpBodyReadCap))
+	_, _ = t.ReadFrom(io.LimitReader(body, httpBodyReadCap)) // like Consul, a body cut short still reports what came
 	out := string(t.buf)
 	p.bodyBufs.Put(&buf)
-	return out, n, err
+	return out
 }
 
 // tailBufferSize is the buffer a tailBuffer of max bytes reads into: twice the tail (at least 512
@@ -460,15 +416,14 @@ func (p *prober) readTailFrom(r io.Reader, max int) (string, int64, error) {
 // at most once per max bytes read.
 func tailBufferSize(n int) int { return max(2*n, 512) }
 
-// tailBuffer is an io.Writer keeping only the last max bytes written.
+// tailBuffer keeps only the last max bytes read into it.
 type tailBuffer struct {
 	buf []byte
 	max int
 }
 
 // ReadFrom reads straight into the tail buffer, so a run costs one small buffer instead of io.Copy's
-// 32 KiB scratch buffer plus the copies; with thousands of checks per second that garbage showed up
-// as a large share of the runner's CPU.
+// 32 KiB scratch buffer plus the copies.
 func (t *tailBuffer) ReadFrom(r io.Reader) (int64, error) {
 	if t.buf == nil {
 		t.buf = make([]byte, 0, tailBufferSize(t.max))
@@ -493,38 +448,51 @@ func (t *tailBuffer) ReadFrom(r io.Reader) (int64, error) {
 	}
 }
 
-func (t *tailBuffer) Write(p []byte) (int, error) {
-	n := len(p)
-	if n >= t.max {
-		t.buf = append(t.buf[:0], p[n-t.max:]...)
-		return n, nil
+// dialTLS dials addr through the prober's dialer and completes a TLS handshake with cfg, both bounded
+// by ctx.
+func (p *prober) dialTLS(ctx context.Context, addr string, cfg *tls.Config) (net.Conn, error) {
+	raw, err := p.dial(ctx, "tcp", addr)
+	if err != nil {
+		return nil, err
 	}
-	if over := len(t.buf) + n - t.max; over > 0 {
-		t.buf = t.buf[:copy(t.buf, t.buf[over:])]
+	if cfg.ServerName == "" {
+		// As tls.Dial: verify against the host the check names.
+		host, _, err := net.SplitHostPort(addr)
+		if err != nil {
+			host = addr
+		}
+		cfg = cfg.Clone()
+		cfg.ServerName = host
 	}
-	t.buf = append(t.buf, p...)
-	return n, nil
+	conn := tls.Client(raw, cfg)
+	if err := conn.HandshakeContext(ctx); err != nil {
+		raw.Close()
+		return nil, err
+	}
+	return conn, nil
 }
 
 func (p *prober) tcpProbe(addr string, useTLS bool, key tlsKey, timeout time.Duration) probeFunc {
+	kind := "TCP"
+	if useTLS {
+		kind = "TCP+TLS"
+	}
+	success := fmt.Sprintf("%s connect %s: Success", kind, addr)
 	return func(ctx context.Context) (string, string) {
 		ctx, cancel := context.WithTimeout(ctx, timeout)
 		defer cancel()
-		dialer := &net.Dialer{Timeout: timeout}
-		kind := "TCP"
 		var conn net.Conn
 		var err error
 		if useTLS {
-			kind = "TCP+TLS"
-			conn, err = (&tls.Dialer{NetDialer: dialer, Config: p.tlsConfig(key)}).DialContext(ctx, "tcp", addr)
+			conn, err = p.dialTLS(ctx, addr, p.tlsConfig(key))
 		} else {
-			conn, err = dialer.DialContext(ctx, "tcp", addr)
+			conn, err = p.dial(ctx, "tcp", addr)
 		}
 		if err != nil {
 			return statusCritical, err.Error()
 		}
 		_ = conn.Close()
-		return statusPassing, fmt.Sprintf("%s connect %s: Success", kind, addr)
+		return statusPassing, success
 	}
 }
 
@@ -532,12 +500,12 @@ func (p *prober) tcpProbe(addr string, useTLS bool, key tlsKey, timeout time.Dur
 // wait for any reply. Silence is passing because UDP services need not answer; only an error,
 // such as the ICMP port-unreachable that surfaces as "connection refused", is critical. Unlike
 // Consul, the read is bounded by the timeout instead of blocking forever.
-func udpProbe(addr string, timeout time.Duration) probeFunc {
+func (p *prober) udpProbe(addr string, timeout time.Duration) probeFunc {
 	success := fmt.Sprintf("UDP connect %s: Success", addr)
 	return func(ctx context.Context) (string, string) {
 		ctx, cancel := context.WithTimeout(ctx, timeout)
 		defer cancel()
-		conn, err := (&net.Dialer{Timeout: timeout}).DialContext(ctx, "udp", addr)
+		conn, err := p.dial(ctx, "udp", addr)
 		if err != nil {
 			if isTimeout(err) {
 				return statusPassing, success
@@ -555,7 +523,7 @@ func udpProbe(addr string, timeout time.Duration) probeFunc {
 			return statusCritical, err.Error()
 		}
 		if _, err := conn.Read(make([]byte, 1)); err != nil {
-			if strings.Contains(err.Error(), "i/o timeout") {
+			if isTimeout(err) {
 				return statusPassing, success
 			}
 			return statusCritical, err.Error()
@@ -564,7 +532,15 @@ func udpProbe(addr string, timeout time.Duration) probeFunc {
 	}
 }
 
+// isTimeout reports whether err is a network timeout (a deadline reached).
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
+}
+
 // grpcProbe queries grpc.health.v1 on "host:port[/service]" with one connection per run, as Consul does.
+// A cached ClientConn would also back off between reconnects (up to two minutes) and so be late to
+// notice a recovered target.
 func (p *prober) grpcProbe(target string, useTLS bool, key tlsKey, timeout time.Duration) probeFunc {
 	server, service, _ := strings.Cut(target, "/")
 	return func(ctx context.Context) (string, string) {
@@ -575,7 +551,8 @@ func (p *prober) grpcProbe(target string, useTLS bool, key tlsKey, timeout time.
 			creds = credentials.NewTLS(p.tlsConfig(key))
 		}
 		// passthrough is the scheme Consul's grpc.Dial used; NewClient would default to dns.
-		conn, err := grpc.NewClient("passthrough:///"+server, grpc.WithTransportCredentials(creds))
+		conn, err := grpc.NewClient("passthrough:///"+server, grpc.WithTransportCredentials(creds),
+			grpc.WithContextDialer(func(ctx context.Context, addr string) (net.Conn, error) { return p.dial(ctx, "tcp", addr) }))
 		if err != nil {
 			return statusCritical, err.Error()
 		}
@@ -604,10 +581,10 @@ func (p *prober) h2pingProbe(addr string, useTLS bool, key tlsKey, timeout time.
 			cfg := p.tlsConfig(key)
 			cfg.NextProtos = []string{http2.NextProtoTLS}
 			t.TLSClientConfig = cfg
-			conn, err = (&tls.Dialer{Config: cfg}).DialContext(ctx, "tcp", addr)
+			conn, err = p.dialTLS(ctx, addr, cfg)
 		} else {
 			t.AllowHTTP = true
-			conn, err = (&net.Dialer{}).DialContext(ctx, "tcp", addr)
+			conn, err = p.dial(ctx, "tcp", addr)
 		}
 		if err != nil {
 			return statusCritical, fmt.Sprintf("Failed to dial to %s: %s", addr, err)

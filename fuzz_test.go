@@ -60,7 +60,6 @@ func FuzzCheckDefinition(f *testing.F) {
 		f.Add([]byte(seed))
 	}
 	p := newProber(nil)
-	f.Cleanup(p.close)
 	f.Fuzz(func(t *testing.T, data []byte) {
 		var d checkDefinition
 		if err := json.Unmarshal(data, &d); err != nil {
@@ -90,7 +89,6 @@ func FuzzCheckDefinition(f *testing.F) {
 // (or as Consul defines) within its timeout, with a bounded output.
 func TestHostileProbeTargets(t *testing.T) {
 	p := newProber(nil)
-	t.Cleanup(p.close)
 	for _, tc := range []struct {
 		name string
 		def  checkDefinition

@@ -391,8 +391,18 @@ func TestSummaryMeansAndRatios(t *testing.T) {
 	for _, g := range rep.Goals {
 		goals[g.Goal] = g
 	}
-	if g := goals["steady ESM CPU (cores)"]; g.Passed == nil || !*g.Passed {
-		t.Errorf("CPU goal: %+v", g)
+	if g := goals["steady ESM CPU, A / B"]; g.Passed == nil || !*g.Passed || math.Abs(float64(g.Value)-0.25) > 1e-9 {
+		t.Errorf("CPU goal against B: %+v", g)
+	}
+	if g := goals["steady ESM CPU / floor CPU"]; g.Passed != nil {
+		t.Errorf("floor goal judged without a floor run: %+v", g)
+	}
+	rep.Floor = &floorResult{CPUCores: 0.04}
+	rep.Goals = judgeGoals(rep, options{Interval: 10 * time.Second})
+	for _, g := range rep.Goals {
+		if g.Goal == "steady ESM CPU / floor CPU" && (g.Passed == nil || !*g.Passed || math.Abs(float64(g.Value)-1.25) > 1e-9) {
+			t.Errorf("floor goal: %+v", g)
+		}
 	}
 	if g := goals["checks executed / scheduled (%)"]; g.Passed == nil || !*g.Passed {
 		t.Errorf("executed goal: %+v", g)

@@ -56,6 +56,8 @@ type options struct {
 	RunTimeout          time.Duration
 	Workers             int
 
+	Floor bool
+
 	JSON string
 	Keep bool
 }
@@ -95,6 +97,7 @@ func newFlagSet(o *options, stderr io.Writer) *flag.FlagSet {
 	fs.DurationVar(&o.ChangeTimeout, "change-timeout", 3*time.Minute, "give up waiting for the catalog to show a flip after this (and after interval+timeout+5s without progress)")
 	fs.DurationVar(&o.RunTimeout, "run-timeout", 9*time.Minute, "cut the waiting phases short so that one run ends within about this (the steady window is kept whole)")
 	fs.IntVar(&o.Workers, "workers", 8, "parallel catalog registrations")
+	fs.BoolVar(&o.Floor, "floor", false, "after the runs, measure the floor: a minimal prober making the same requests over fresh connections at the same rate (its CPU is the bare cost of the probes)")
 	fs.StringVar(&o.JSON, "json", "", "also write the results as JSON to this file")
 	fs.BoolVar(&o.Keep, "keep", false, "keep the work directory (configs and logs) even when every run succeeds")
 	return fs
@@ -155,6 +158,9 @@ func parseOptions(args []string, stderr io.Writer) (options, error) {
 }
 
 func main() {
+	if len(os.Args) > 1 && os.Args[1] == floorArg {
+		os.Exit(floorProberMain(os.Args[2:]))
+	}
 	log.SetFlags(log.Ltime)
 	log.SetPrefix("bench: ")
 	opts, err := parseOptions(os.Args[1:], os.Stderr)

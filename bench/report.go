@@ -183,10 +183,11 @@ func judgeGoals(rep *report, o options) []goalResult {
 	}
 	atMost := func(l float64) func(float64) bool { return func(v float64) bool { return v <= l } }
 	p99 := math.Max(a("flip_fail_p99_seconds"), a("flip_recover_p99_seconds"))
-	return []goalResult{
+	goals := []goalResult{
 		judge("checks executed / scheduled (%)", a("steady_executed_percent"), ">= 99", func(v float64) bool { return v >= 99 }, ""),
 		judge("flip detection p99, worse direction (s)", p99, fmt.Sprintf("<= %.0f (interval + 1s)", iv+1), atMost(iv+1), ""),
-		judge("steady ESM CPU (cores)", a("steady_esm_cpu_cores"), "<= 0.15", atMost(0.15), ""),
+		judge("steady ESM CPU (cores)", a("steady_esm_cpu_cores"), "reported", nil, "info: judged against the floor and B below"),
+		judge("steady ESM CPU / floor CPU", floorMultiple(rep, "A"), "<= 1.5", atMost(1.5), floorNote(rep)),
 		judge("ESM peak RSS, whole run (MB)", a("run_esm_peak_rss_mb"), "<= 110", atMost(110), ""),
 		judge("steady status writes (req/s)", a("steady_write_per_second"), "= 0", atMost(0), ""),
 		judge("steady non-blocking reads (req/s)", a("steady_read_per_second"), "same at every -size", nil,
@@ -195,6 +196,26 @@ func judgeGoals(rep *report, o options) []goalResult {
 		judge("outage: Consul requests per change", a("outage_fail_requests_per_change"), "<= 0.1", atMost(0.1), ""),
 		judge("memory per check (KB, run peak RSS / checks)", a("esm_kb_per_check"), "reported", nil, "info: the figure to watch at -size 50k"),
 	}
+	if len(rep.Binaries) == 2 {
+		cpu := ratio(a("steady_esm_cpu_cores"), summaryValue(rep.Summary, "steady_esm_cpu_cores", "B"))
+		goals = append(goals, judge("steady ESM CPU, A / B", cpu, "<= 0.7 (B: the original)", atMost(0.7), ""))
+	}
+	return goals
+}
+
+// floorMultiple is binary lab's mean steady CPU as a multiple of the floor prober's (NaN without -floor).
+func floorMultiple(rep *report, lab string) float64 {
+	if rep.Floor == nil || rep.Floor.Error != "" {
+		return nan
+	}
+	return ratio(summaryValue(rep.Summary, "steady_esm_cpu_cores", lab), float64(rep.Floor.CPUCores))
+}
+
+func floorNote(rep *report) string {
+	if rep.Floor == nil {
+		return "run with -floor to judge"
+	}
+	return ""
 }
 
 // endpointTable averages the steady per-endpoint rates per binary: endpoint -> label -> req/s.
@@ -322,6 +343,18 @@ func printReport(w io.Writer, rep *report) {
 	}
 	fmt.Fprintln(w)
 	t.write(w)
+
+	if f := rep.Floor; f != nil {
+		fmt.Fprintf(w, "\nfloor (a minimal prober, same requests, fresh connections): %s checks/s, %s cores, %s MB peak RSS",
+			formatValue(float64(f.ChecksPerSec)), formatValue(float64(f.CPUCores)), formatValue(rssOrNaN(f.PeakRSSBytes)/mb))
+		if f.Error != "" {
+			fmt.Fprintf(w, " (FAILED: %s)", f.Error)
+		}
+		fmt.Fprintln(w)
+		for _, lab := range labs {
+			fmt.Fprintf(w, "  steady ESM CPU of %s = %s x the floor\n", lab, formatValue(floorMultiple(rep, lab)))
+		}
+	}
 
 	names, kinds, rates := endpointTable(rep)
 	if len(names) > 0 {

@@ -9,6 +9,7 @@ type report struct {
 	Env      environment  `json:"environment"`
 	Binaries []binaryInfo `json:"binaries"`
 	Runs     []*runResult `json:"runs"`
+	Floor    *floorResult `json:"floor,omitempty"` // -floor: the bare cost of the probes
 	Summary  []summaryRow `json:"summary"`
 	Goals    []goalResult `json:"goals"`
 	WorkDir  string       `json:"work_dir,omitempty"` // kept configs and logs

@@ -84,6 +84,10 @@ func runBenchmark(ctx context.Context, o options) (*report, error) {
 			rep.Runs = append(rep.Runs, res)
 		}
 	}
+	if o.Floor && ctx.Err() == nil {
+		rep.Floor = runFloor(ctx, o, lay, tgt, filepath.Join(workDir, "floor"))
+		failed = failed || rep.Floor.Error != ""
+	}
 	rep.Env.LoadAvgEnd = loadAvg()
 	rep.Summary = summarize(rep)
 	rep.Goals = judgeGoals(rep, o)
