@@ -50,6 +50,9 @@ const (
 	minLoadGap = time.Second
 	maxLoadGap = 10 * time.Second
 
+	// takeoverSpread is how soon a check started after the first assignment runs (see startTask).
+	takeoverSpread = 500 * time.Millisecond
+
 	// minWorkers is the worker pool's floor; it grows beyond that only up to the number of running
 	// checks, so the pool is never larger than goroutine-per-check would be, and idle workers exit.
 	minWorkers        = 64
@@ -159,10 +162,11 @@ type checkTask struct {
 	cancel   context.CancelFunc
 
 	// guarded by checkScheduler.mu
-	next    time.Time
-	index   int // position in the heap, -1 when not in it
-	running bool
-	stopped bool
+	next     time.Time
+	index    int // position in the heap, -1 when not in it
+	running  bool
+	stopped  bool
+	respread bool // the next run goes to a random point of the following interval (see startTask)
 }
 
 // catalogCheck is a health check as /v1/health/* returns it. The definition is decoded into our own
@@ -797,8 +801,15 @@ func (r *CheckRunner) refreshCatalog(st *checkState, c *catalogCheck) {
 	}
 }
 
-// startTask builds the probe for c and schedules its first run at a random point within one
-// interval. It reports false when the probe cannot be built. Caller holds mu.
+// startTask builds the probe for c and schedules its first run. It reports false when the probe
+// cannot be built. Caller holds mu.
+//
+// The checks of the first assignment start at random points within one interval, as Consul
+// staggers its own, so a starting instance does not probe everything at once. A check started later
+// (taken over from a peer that died or left, or restarted by a definition change) runs within
+// takeoverSpread instead: failover is over only when the survivors run the dead instance's checks,
+// and an interval of 10 s or more would dominate it. Its second run lands at a random point of the
+// following interval, which spreads the schedule out again.
 func (r *CheckRunner) startTask(st *checkState, c *catalogCheck, kind string, logf func(string, ...any)) bool {
 	def := c.Definition
 	st.def = def
@@ -825,7 +836,12 @@ func (r *CheckRunner) startTask(st *checkState, c *catalogCheck, kind string, lo
 	t := &checkTask{st: st, kind: kind, probe: probe, interval: interval, ctx: ctx, cancel: cancel, index: -1}
 	st.task = t
 	st.fresh = true
-	r.sched.add(t, time.Now().Add(rand.N(interval)))
+	spread := interval
+	if r.loads.Load() > 0 {
+		spread = min(interval, takeoverSpread)
+		t.respread = true
+	}
+	r.sched.add(t, time.Now().Add(rand.N(spread)))
 	return true
 }
 
@@ -1141,6 +1157,10 @@ func (s *checkScheduler) finished(t *checkTask) {
 	}
 	now := time.Now()
 	t.next = t.next.Add(t.interval)
+	if t.respread {
+		t.respread = false
+		t.next = now.Add(rand.N(t.interval))
+	}
 	if !t.next.After(now) {
 		t.next = now.Add(t.interval)
 	}

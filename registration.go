@@ -114,18 +114,20 @@ func (a *Agent) registerService(ctx context.Context) error {
 }
 
 // keepRegistered refreshes the TTL check and restores the registration when it was lost (agent
-// restarted without its data, or an operator deregistered the service). While Consul is failing it
-// backs off and logs the problem once, not on every attempt.
+// restarted without its data, or an operator deregistered the service). A failed refresh is retried
+// at the same pace, not backed off: the TTL keeps running, and the first refresh after the agent is
+// reachable again must land before it expires. The failure streak is logged once.
 func (a *Agent) keepRegistered(ctx context.Context) {
 	if a.config().EnableAgentless {
 		a.keepRegisteredAgentless(ctx)
 		return
 	}
-	b := newBackoff(a.config().TTLRefreshInterval, a.config().RetryInterval)
 	failing := false
-	wait := a.config().TTLRefreshInterval
-	for sleepCtx(ctx, wait) {
-		err := a.refreshRegistration(ctx)
+	for sleepCtx(ctx, a.config().TTLRefreshInterval) {
+		// A refresh hung on an unreachable agent must not hold back the next one.
+		rctx, cancel := context.WithTimeout(ctx, a.config().AgentTTL/2)
+		err := a.refreshRegistration(rctx)
+		cancel()
 		if ctx.Err() != nil {
 			return
 		}
@@ -134,8 +136,6 @@ func (a *Agent) keepRegistered(ctx context.Context) {
 				a.logger.Info("Agent TTL check refreshed again")
 			}
 			failing = false
-			b.reset()
-			wait = a.config().TTLRefreshInterval
 			continue
 		}
 		a.status.failed(err)
@@ -143,7 +143,6 @@ func (a *Agent) keepRegistered(ctx context.Context) {
 			a.logger.Warn("Failed to refresh agent TTL check (will retry)", "error", err)
 		}
 		failing = true
-		wait = b.next()
 	}
 }
 

@@ -155,7 +155,11 @@ critical_threshold = 3
 check_update_interval = "1m"
 consul_kv_path = "moved"
 consul_service_tag = "blue"
-node_probe_interval = "1s" # testConfig's value: unchanged
+node_probe_interval = "1s" # testConfig's values: unchanged
+instance_ttl = "3s"
+instance_ttl_refresh = "300ms"
+session_ttl = "2s"
+lock_delay = "500ms"
 `, srv.HTTPAddr))
 	ra.opts.ConfigPaths = []string{path}
 	ra.Reload()
