@@ -52,6 +52,7 @@ type Agent struct {
 	runner    *CheckRunner
 	prober    *NodeProber
 	status    *agentStatus
+	beats     atomic.Uint64 // agentless heartbeats that Consul accepted (heartbeat.go)
 	telemetry *telemetry
 
 	shutdownOnce sync.Once
