@@ -69,7 +69,7 @@ func TestPlanReloadKeepsRestartOnlyFields(t *testing.T) {
 	t.Setenv("CONSUL_HTTP_TOKEN_FILE", "")
 	running := DefaultConfig()
 	running.InstanceID = "generated-at-startup"
-	running.AgentTTL = 3 * time.Second // a test timing: must survive
+	running.AgentTTL = 3 * time.Second // instance_ttl: restart-only, so it survives and is named
 	running.Token = "old"
 
 	loaded := DefaultConfig()
@@ -98,7 +98,7 @@ func TestPlanReloadKeepsRestartOnlyFields(t *testing.T) {
 		n.AgentTTL != 3*time.Second || n.Telemetry.StatsdAddr != "" {
 		t.Errorf("restart-only fields changed: %+v", n)
 	}
-	wantRestart := []string{"consul_kv_path", "consul_service_tag", "external_node_meta", "telemetry.statsd_address"}
+	wantRestart := []string{"consul_kv_path", "consul_service_tag", "external_node_meta", "instance_ttl", "telemetry.statsd_address"}
 	if !slices.Equal(plan.restartKeys, wantRestart) {
 		t.Errorf("restart keys = %v, want %v", plan.restartKeys, wantRestart)
 	}
