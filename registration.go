@@ -115,7 +115,10 @@ func (a *Agent) registerService(ctx context.Context) error {
 
 // keepRegistered refreshes the TTL check and restores the registration when it was lost (agent
 // restarted without its data, or an operator deregistered the service). While Consul is failing it
-// backs off and logs the problem once, not on every attempt.
+// backs off and logs the problem once, not on every attempt, but it refreshes at once when any call
+// succeeds again: after an outage longer than the TTL the check is critical, and until it is
+// refreshed the leader takes this instance's nodes away (and gives them back a moment later, each
+// move restarting their checks), which after the backoff's retry_interval it certainly would.
 func (a *Agent) keepRegistered(ctx context.Context) {
 	if a.config().EnableAgentless {
 		a.keepRegisteredAgentless(ctx)
@@ -123,19 +126,31 @@ func (a *Agent) keepRegistered(ctx context.Context) {
 	}
 	b := newBackoff(a.config().TTLRefreshInterval, a.config().RetryInterval)
 	failing := false
-	wait := a.config().TTLRefreshInterval
-	for sleepCtx(ctx, wait) {
+	timer := time.NewTimer(a.config().TTLRefreshInterval)
+	defer timer.Stop()
+	var recovered chan struct{} // armed while failing, once per backoff step
+	for {
+		early := false
+		select {
+		case <-ctx.Done():
+			return
+		case <-timer.C:
+		case <-recovered:
+			early = true
+			timer.Stop()
+		}
 		err := a.refreshRegistration(ctx)
 		if ctx.Err() != nil {
 			return
 		}
+		a.status.setTTLCurrent(err == nil)
 		if err == nil {
 			if failing {
 				a.logger.Info("Agent TTL check refreshed again")
 			}
-			failing = false
+			failing, recovered = false, nil
 			b.reset()
-			wait = a.config().TTLRefreshInterval
+			timer.Reset(a.config().TTLRefreshInterval)
 			continue
 		}
 		a.status.failed(err)
@@ -143,7 +158,13 @@ func (a *Agent) keepRegistered(ctx context.Context) {
 			a.logger.Warn("Failed to refresh agent TTL check (will retry)", "error", err)
 		}
 		failing = true
-		wait = b.next()
+		// An early retry that failed waits for the timer: in a partial outage other calls keep
+		// succeeding, and each would otherwise trigger another attempt at once.
+		recovered = nil
+		if !early {
+			recovered = a.status.recovered
+		}
+		timer.Reset(b.next())
 	}
 }
 
