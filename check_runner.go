@@ -443,7 +443,8 @@ func (r *CheckRunner) loadLoop(ctx context.Context) {
 		}
 		retry.reset()
 		r.agent.status.contact()
-		if meta.LastIndex < known {
+		if meta.LastIndex < known && !r.agent.config().StaleReadNodes {
+			// (A stale read may lag our own writes; watchIndex asks the leader instead.)
 			retake = true
 		}
 		if retake {
