@@ -564,9 +564,10 @@ type catalogRegisterCheck struct {
 // register writes a check whose definition the txn endpoint would mangle (UDP, H2PING,
 // DisableRedirects, OutputMaxSize) through /v1/catalog/register, which stores the full definition.
 // The register endpoint has no CAS, so this is guarded only by the consistent read just before it:
-// an edit landing in the few milliseconds between that read and this write is overwritten (and
-// a node deleted in that window would be re-created without an address). Checks of every other type
-// keep the real CAS.
+// an edit landing in the few milliseconds between that read and this write is overwritten (Consul
+// 1.22 offers no conditional write that keeps these definitions). A node deleted in that window is
+// not left re-created: a service check's write fails with the service gone, and a node check's
+// write is followed by removeGhostNode. Checks of every other type keep the real CAS.
 func (w *checkWriter) register(ctx context.Context, op *pendingWrite) {
 	c := op.fresh
 	body := &catalogRegistration{
@@ -591,9 +592,39 @@ func (w *checkWriter) register(ctx context.Context, op *pendingWrite) {
 		return
 	}
 	w.r.agent.status.contact()
+	if c.ServiceID == "" && w.removeGhostNode(ctx, c, wo) {
+		w.gone(op)
+		return
+	}
 	// The register endpoint does not return the new ModifyIndex; the next load brings it.
 	op.index = c.ModifyIndex
 	w.apply(op)
+}
+
+// removeGhostNode undoes a node the register of a node check re-created: if the node was deleted
+// (reaped) after the consistent read, the SkipNodeUpdate registration creates it again without an
+// address or meta, which no registration of a real node can do (Consul requires an address unless
+// SkipNodeUpdate is set). Such a node is deleted, compare-and-set on the index it has, so a real
+// registration landing meanwhile is kept. It reports whether it removed the node.
+func (w *checkWriter) removeGhostNode(ctx context.Context, c *catalogCheck, wo *api.WriteOptions) bool {
+	q := w.r.agent.queryOptions(ctx)
+	q.RequireConsistent = true
+	q.Partition = wo.Partition
+	node, _, err := w.r.agent.client.Catalog().Node(c.Node, q)
+	if err != nil || node == nil || node.Node == nil || node.Node.Address != "" {
+		return false
+	}
+	del := &api.TxnOp{Node: &api.NodeTxnOp{Verb: api.NodeDeleteCAS, Node: api.Node{
+		Node: c.Node, Partition: c.Partition, ModifyIndex: node.Node.ModifyIndex}}}
+	ok, _, _, err := w.r.agent.client.Txn().Txn(api.TxnOps{del}, w.r.agent.queryOptions(ctx))
+	if err != nil || !ok {
+		w.r.logger.Warn("Could not remove the node a check write re-created after it was deregistered",
+			"node", c.Node, "error", err)
+		return false
+	}
+	w.r.logger.Info("Node was deregistered while a check status was written; removed the node the write re-created",
+		"node", c.Node, "checkID", c.CheckID)
+	return true
 }
 
 // apply records a confirmed catalog state (written by us, or already there).
