@@ -498,7 +498,9 @@ func (r *CheckRunner) watchIndex(ctx context.Context) {
 			continue
 		}
 		known := r.known.Load()
-		_, meta, err := r.agent.client.Health().Node(indexProbeNode, r.agent.queryOptions(ctx))
+		q := r.agent.queryOptions(ctx)
+		q.Namespace = r.namespaceWildcard() // the loads' scope, so the indexes compare
+		_, meta, err := r.agent.client.Health().Node(indexProbeNode, q)
 		if err != nil || meta.LastIndex >= known || r.retakeNext.Load() {
 			continue
 		}
