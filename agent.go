@@ -397,9 +397,40 @@ type agentStatus struct {
 	consulErr   atomic.Pointer[string]
 	// assignmentErr is set while this instance leads and cannot write an instance's assignment.
 	assignmentErr atomic.Pointer[string]
+
+	// recovered is signalled when a call succeeds after a failure: Consul is reachable again.
+	recovered chan struct{}
+	// ttlCurrent is false from a failed TTL refresh until the next successful one; ttlRefreshed is
+	// signalled on each success (agent mode).
+	ttlCurrent   atomic.Bool
+	ttlRefreshed chan struct{}
 }
 
-func newAgentStatus() *agentStatus { return &agentStatus{} }
+func newAgentStatus() *agentStatus {
+	s := &agentStatus{recovered: make(chan struct{}, 1), ttlRefreshed: make(chan struct{}, 1)}
+	s.ttlCurrent.Store(true)
+	return s
+}
+
+// setTTLCurrent records the outcome of a TTL refresh.
+func (s *agentStatus) setTTLCurrent(ok bool) {
+	s.ttlCurrent.Store(ok)
+	if ok {
+		signalChan(s.ttlRefreshed)
+	}
+}
+
+// waitTTLCurrent blocks until the last TTL refresh succeeded; false when ctx ended first.
+func (s *agentStatus) waitTTLCurrent(ctx context.Context) bool {
+	for !s.ttlCurrent.Load() {
+		select {
+		case <-ctx.Done():
+			return false
+		case <-s.ttlRefreshed:
+		}
+	}
+	return true
+}
 
 func (s *agentStatus) setRegistered(v bool) { s.registered.Store(v) }
 
@@ -407,7 +438,9 @@ func (s *agentStatus) setAssignmentErr(msg *string) { s.assignmentErr.Store(msg)
 
 func (s *agentStatus) contact() {
 	s.lastContact.Store(time.Now().UnixNano())
-	s.consulErr.Store(nil)
+	if s.consulErr.Swap(nil) != nil {
+		signalChan(s.recovered)
+	}
 }
 
 func (s *agentStatus) failed(err error) {

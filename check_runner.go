@@ -433,7 +433,8 @@ func (r *CheckRunner) loadLoop(ctx context.Context) {
 		}
 		retry.reset()
 		r.agent.status.contact()
-		if meta.LastIndex < known {
+		if meta.LastIndex < known && !r.agent.config().StaleReadNodes {
+			// (A stale read may lag our own writes; watchIndex asks the leader instead.)
 			retake = true
 		}
 		if retake {
@@ -487,7 +488,9 @@ func (r *CheckRunner) watchIndex(ctx context.Context) {
 			continue
 		}
 		known := r.known.Load()
-		_, meta, err := r.agent.client.Health().Node(indexProbeNode, r.agent.queryOptions(ctx))
+		q := r.agent.queryOptions(ctx)
+		q.Namespace = r.namespaceWildcard() // the loads' scope, so the indexes compare
+		_, meta, err := r.agent.client.Health().Node(indexProbeNode, q)
 		if err != nil || meta.LastIndex >= known || r.retakeNext.Load() {
 			continue
 		}

@@ -3,8 +3,11 @@ package main
 import (
 	"fmt"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/hashicorp/consul/api"
 )
 
 // TestWriterTakeBatch covers when a batch goes out and what it carries: the short window for an
@@ -134,5 +137,44 @@ func TestWriterIsolatesOversizedCheck(t *testing.T) {
 	}
 	if v, _, ok := gatherCounter(t, r.agent.telemetry, "esm_checks_write_refused"); !ok || v < 2 {
 		t.Errorf("esm_checks_write_refused = %v (found %v), want every refused write counted", v, ok)
+	}
+}
+
+// TestWriterDoesNotResurrectReapedNode: a node check written through /v1/catalog/register (its
+// definition has DisableRedirects, which the txn endpoint would drop) whose node is deregistered
+// between the writer's read and its write must not leave the node re-created without its address.
+func TestWriterDoesNotResurrectReapedNode(t *testing.T) {
+	srv := newTestConsul(t)
+	tg := crNewTarget(t)
+	check := crHTTPCheck("nc", tg.URL+"/nc", 200*time.Millisecond)
+	check.Definition.DisableRedirects = true
+	crRegister(t, srv.Client, "reaped-node", "", check)
+	var reaped atomic.Bool
+	r := crStart(t, srv, nil, func(r *CheckRunner) {
+		r.writer.afterRead = func() {
+			if reaped.Swap(true) {
+				return
+			}
+			_, _ = srv.Client.Catalog().Deregister(&api.CatalogDeregistration{Node: "reaped-node"}, nil)
+		}
+	})
+	r.SetNodes([]string{"reaped-node"})
+	waitFor(t, 10*time.Second, func() error {
+		if !reaped.Load() {
+			return errNotYet
+		}
+		return nil
+	})
+	// The point: give the write that raced the deregistration time to land (and anything else).
+	time.Sleep(time.Second)
+	node, _, err := srv.Client.Catalog().Node("reaped-node", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if node != nil && node.Node != nil {
+		t.Fatalf("the deregistered node came back: %+v (checks: %d)", node.Node, len(node.Services))
+	}
+	if !strings.Contains(r.logs.String(), "removed the node the write re-created") {
+		t.Errorf("the removal was not logged:\n%s", r.logs)
 	}
 }

@@ -36,6 +36,12 @@ func (a *Agent) leaderLoop(ctx context.Context) {
 				abandoned = ""
 			}
 		}
+		// A session made while our own TTL check is critical in the agent but not yet in the catalog
+		// (Consul just came back) dies at the next sync, after leading on a view in which the
+		// peers' checks are as stale as ours.
+		if !a.status.waitTTLCurrent(ctx) {
+			return
+		}
 		a.logger.Info("Trying to obtain leadership...")
 		sess, err := a.createLeaderSession(ctx)
 		if err != nil {

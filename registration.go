@@ -115,15 +115,28 @@ func (a *Agent) registerService(ctx context.Context) error {
 
 // keepRegistered refreshes the TTL check and restores the registration when it was lost (agent
 // restarted without its data, or an operator deregistered the service). A failed refresh is retried
-// at the same pace, not backed off: the TTL keeps running, and the first refresh after the agent is
-// reachable again must land before it expires. The failure streak is logged once.
+// at the refresh pace, not backed off, and at once when any other call succeeds again: the TTL keeps
+// running, and the first refresh after the agent is reachable must land before it expires, or the
+// leader takes this instance's nodes away (and gives them back a moment later, each move restarting
+// their checks). The failure streak is logged once.
 func (a *Agent) keepRegistered(ctx context.Context) {
 	if a.config().EnableAgentless {
 		a.keepRegisteredAgentless(ctx)
 		return
 	}
 	failing := false
-	for sleepCtx(ctx, a.config().TTLRefreshInterval) {
+	timer := time.NewTimer(a.config().TTLRefreshInterval)
+	defer timer.Stop()
+	var recovered chan struct{} // armed while failing
+	for {
+		early := false
+		select {
+		case <-ctx.Done():
+			return
+		case <-timer.C:
+		case <-recovered:
+			early = true
+		}
 		// A refresh hung on an unreachable agent must not hold back the next one.
 		rctx, cancel := context.WithTimeout(ctx, a.config().AgentTTL/2)
 		err := a.refreshRegistration(rctx)
@@ -131,11 +144,13 @@ func (a *Agent) keepRegistered(ctx context.Context) {
 		if ctx.Err() != nil {
 			return
 		}
+		a.status.setTTLCurrent(err == nil)
+		timer.Reset(a.config().TTLRefreshInterval)
 		if err == nil {
 			if failing {
 				a.logger.Info("Agent TTL check refreshed again")
 			}
-			failing = false
+			failing, recovered = false, nil
 			continue
 		}
 		a.status.failed(err)
@@ -143,6 +158,12 @@ func (a *Agent) keepRegistered(ctx context.Context) {
 			a.logger.Warn("Failed to refresh agent TTL check (will retry)", "error", err)
 		}
 		failing = true
+		// An early retry that failed waits for the timer: in a partial outage other calls keep
+		// succeeding, and each would otherwise trigger another attempt at once.
+		recovered = nil
+		if !early {
+			recovered = a.status.recovered
+		}
 	}
 }
 
