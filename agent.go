@@ -52,6 +52,7 @@ type Agent struct {
 	runner    *CheckRunner
 	prober    *NodeProber
 	status    *agentStatus
+	beats     atomic.Uint64 // agentless heartbeats that Consul accepted (heartbeat.go)
 	telemetry *telemetry
 
 	shutdownOnce sync.Once
@@ -59,12 +60,16 @@ type Agent struct {
 	shutdownStop context.CancelFunc
 }
 
-// alreadyExistsError is returned by Run when another live instance holds our service ID.
+// alreadyExistsError is register's answer while a live-looking registration holds our service ID;
+// startup waits for it to expire.
 type alreadyExistsError struct{ serviceID string }
 
 func (e *alreadyExistsError) Error() string {
 	return fmt.Sprintf("ESM instance with service id '%s' is already registered with Consul", e.serviceID)
 }
+
+// takeoverPoll is how often startup looks again at a live-looking registration with our service ID.
+const takeoverPoll = time.Second
 
 // shutdownBudget bounds every Consul call made while shutting down, so the process exits promptly
 // even when Consul is unreachable.
@@ -236,6 +241,7 @@ func (a *Agent) startup(ctx context.Context) error {
 	}
 	a.printBanner()
 	b.reset()
+	waiting := false
 	for {
 		err := a.register(ctx)
 		if err == nil {
@@ -245,7 +251,19 @@ func (a *Agent) startup(ctx context.Context) error {
 			return nil
 		}
 		var exists *alreadyExistsError
-		if errors.As(err, &exists) || !isRetryable(err) {
+		if errors.As(err, &exists) {
+			// Usually our own previous process, crashed moments ago: its TTL check passes until it
+			// expires. Exiting would only make a supervisor restart us into the same answer until
+			// it gives up, so wait for the registration to die and take it over.
+			if !waiting {
+				a.logger.Warn("Waiting for the registration with this service id to expire before taking it over",
+					"error", err, "service_id", a.serviceID)
+				waiting = true
+			}
+			sleepCtx(ctx, takeoverPoll)
+			continue
+		}
+		if !isRetryable(err) {
 			return err
 		}
 		a.logger.Error("Failed to register ESM service (will retry)", "error", err)
@@ -377,15 +395,52 @@ type agentStatus struct {
 	leader      atomic.Bool
 	lastContact atomic.Int64 // unix nanos of the last successful Consul call
 	consulErr   atomic.Pointer[string]
+	// assignmentErr is set while this instance leads and cannot write an instance's assignment.
+	assignmentErr atomic.Pointer[string]
+
+	// recovered is signalled when a call succeeds after a failure: Consul is reachable again.
+	recovered chan struct{}
+	// ttlCurrent is false from a failed TTL refresh until the next successful one; ttlRefreshed is
+	// signalled on each success (agent mode).
+	ttlCurrent   atomic.Bool
+	ttlRefreshed chan struct{}
 }
 
-func newAgentStatus() *agentStatus { return &agentStatus{} }
+func newAgentStatus() *agentStatus {
+	s := &agentStatus{recovered: make(chan struct{}, 1), ttlRefreshed: make(chan struct{}, 1)}
+	s.ttlCurrent.Store(true)
+	return s
+}
+
+// setTTLCurrent records the outcome of a TTL refresh.
+func (s *agentStatus) setTTLCurrent(ok bool) {
+	s.ttlCurrent.Store(ok)
+	if ok {
+		signalChan(s.ttlRefreshed)
+	}
+}
+
+// waitTTLCurrent blocks until the last TTL refresh succeeded; false when ctx ended first.
+func (s *agentStatus) waitTTLCurrent(ctx context.Context) bool {
+	for !s.ttlCurrent.Load() {
+		select {
+		case <-ctx.Done():
+			return false
+		case <-s.ttlRefreshed:
+		}
+	}
+	return true
+}
 
 func (s *agentStatus) setRegistered(v bool) { s.registered.Store(v) }
 
+func (s *agentStatus) setAssignmentErr(msg *string) { s.assignmentErr.Store(msg) }
+
 func (s *agentStatus) contact() {
 	s.lastContact.Store(time.Now().UnixNano())
-	s.consulErr.Store(nil)
+	if s.consulErr.Swap(nil) != nil {
+		signalChan(s.recovered)
+	}
 }
 
 func (s *agentStatus) failed(err error) {

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"errors"
 	"fmt"
 	"net/http"
 	"net/http/httptest"
@@ -87,53 +86,74 @@ func TestAgentRegistrationLifecycle(t *testing.T) {
 	}
 }
 
+// TestAgentDuplicateInstanceID: with a fixed instance_id, a restart right after a crash (the dead
+// registration's TTL check still passing) waits, logging it once, and takes the registration over
+// once the TTL check turns critical; it never exits for this (five such exits used to exhaust the
+// systemd unit's start limit). A second live instance with the same ID waits too.
 func TestAgentDuplicateInstanceID(t *testing.T) {
 	srv := newTestConsul(t)
 	cfg := testConfig(srv)
 	cfg.InstanceID = "fixed"
-	first := startAgent(t, cfg)
+	crashed := startAgentOpts(t, cfg, AgentOptions{crashOnStop: true})
 	waitFor(t, 10*time.Second, func() error {
-		if _, check := serviceEntry(t, srv.Client, first.ServiceID()); check == nil {
+		if _, check := serviceEntry(t, srv.Client, crashed.ServiceID()); check == nil || check.Status != api.HealthPassing {
 			return errNotYet
 		}
 		return nil
 	})
+	if err := crashed.stop(t); err != nil {
+		t.Fatal(err)
+	}
+	crashedAt := time.Now()
 
 	cfg2 := testConfig(srv)
 	cfg2.InstanceID = "fixed"
-	second := startAgent(t, cfg2)
-	var err error
-	select {
-	case err = <-second.done:
-		close(second.done)
-	case <-time.After(10 * time.Second):
-		t.Fatal("second instance with the same ID did not give up")
-	}
-	var exists *alreadyExistsError
-	if !errors.As(err, &exists) || err.Error() != "ESM instance with service id 'consul-esm:fixed' is already registered with Consul" {
-		t.Fatalf("Run = %v, want alreadyExistsError", err)
-	}
-
-	// A dead registration (TTL check critical, as after SIGKILL) is taken over.
-	if err := first.stop(t); err != nil {
-		t.Fatal(err)
-	}
-	dead := &api.AgentServiceRegistration{
-		ID: "consul-esm:fixed", Name: "consul-esm",
-		Check: &api.AgentServiceCheck{CheckID: "consul-esm:fixed:agent-ttl", TTL: "30s", Status: api.HealthCritical},
-	}
-	if err := srv.Client.Agent().ServiceRegister(dead); err != nil {
-		t.Fatal(err)
-	}
-	cfg3 := testConfig(srv)
-	cfg3.InstanceID = "fixed"
-	third := startAgent(t, cfg3)
+	restarted := startAgent(t, cfg2)
+	const waiting = "Waiting for the registration with this service id to expire before taking it over"
 	waitFor(t, 10*time.Second, func() error {
-		if _, check := serviceEntry(t, srv.Client, third.ServiceID()); check == nil || check.Status != api.HealthPassing {
+		if !strings.Contains(restarted.logs.String(), waiting) {
 			return errNotYet
 		}
 		return nil
 	})
+	waitFor(t, cfg.AgentTTL+5*time.Second, func() error {
+		select {
+		case err := <-restarted.done:
+			t.Fatalf("the restarted instance exited: %v", err)
+		default:
+		}
+		if !restarted.status.registered.Load() {
+			return errNotYet
+		}
+		if _, check := serviceEntry(t, srv.Client, restarted.ServiceID()); check == nil || check.Status != api.HealthPassing {
+			return errNotYet
+		}
+		return nil
+	})
+	t.Logf("restart after a crash took over the registration %s after the crash (agent TTL %s)",
+		time.Since(crashedAt).Round(10*time.Millisecond), cfg.AgentTTL)
+	if n := strings.Count(restarted.logs.String(), waiting); n != 1 {
+		t.Errorf("the wait was logged %d times, want once", n)
+	}
+
+	// A live duplicate waits as well, for as long as the other lives.
+	cfg3 := testConfig(srv)
+	cfg3.InstanceID = "fixed"
+	dup := startAgent(t, cfg3)
+	waitFor(t, 10*time.Second, func() error {
+		if !strings.Contains(dup.logs.String(), waiting) {
+			return errNotYet
+		}
+		return nil
+	})
+	select {
+	case err := <-dup.done:
+		t.Fatalf("the duplicate exited: %v", err)
+	case <-time.After(2 * time.Second): // the point: it is still waiting, not gone
+	}
+	if dup.status.registered.Load() {
+		t.Fatal("the duplicate registered while the live instance holds the service id")
+	}
 }
 
 // leaders returns the running agents that believe they lead.
@@ -158,7 +178,7 @@ func kvAssignments(t *testing.T, c *api.Client) (map[string]assignment, map[stri
 	for _, p := range pairs {
 		as, err := decodeAssignment(p.Value)
 		if err != nil {
-			t.Fatalf("%s: %v", p.Key, err)
+			continue // not an assignment (tests that corrupt keys wait for the leader to repair them)
 		}
 		id := strings.TrimPrefix(p.Key, "consul-esm/agents/")
 		out[id] = as

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"strconv"
 	"sync"
 	"time"
 
@@ -113,10 +114,14 @@ func (a *Agent) registerCatalog(ctx context.Context) error {
 func (a *Agent) keepRegisteredAgentless(ctx context.Context) {
 	var wg sync.WaitGroup
 	defer wg.Wait()
-	wg.Add(1)
+	wg.Add(2)
 	go func() {
 		defer wg.Done()
 		a.holdHealthSession(ctx)
+	}()
+	go func() {
+		defer wg.Done()
+		a.watchHeartbeats(ctx)
 	}()
 	for sleepCtx(ctx, a.config().KeeperInterval) {
 		svcs, _, err := a.client.Catalog().Service(a.config().Service, "", a.queryOptions(ctx))
@@ -173,7 +178,9 @@ func (a *Agent) holdHealthSession(ctx context.Context) {
 			sleepCtx(ctx, b.next())
 			continue
 		}
-		ok, _, err := a.client.KV().Acquire(&api.KVPair{Key: a.healthSessionKey(), Flags: lockFlagValue, Session: id}, a.writeOptions(ctx))
+		// The value is a heartbeat count from the start (heartbeat.go), which marks the key as ours.
+		ok, _, err := a.client.KV().Acquire(&api.KVPair{Key: a.healthSessionKey(), Flags: lockFlagValue, Session: id,
+			Value: strconv.AppendUint(nil, a.beats.Load(), 10)}, a.writeOptions(ctx))
 		if err != nil || !ok {
 			if ctx.Err() == nil {
 				a.logger.Error("Agent: Error trying to get session lock (will retry)", "error", err)
@@ -184,12 +191,28 @@ func (a *Agent) holdHealthSession(ctx context.Context) {
 		}
 		a.logger.Info("Agent: Obtained lock")
 		b.reset()
-		err = a.renewSession(ctx, id)
+		err = a.holdWithHeartbeat(ctx, id)
 		if ctx.Err() == nil {
 			a.logger.Warn("Agent: Lost the lock", "error", err)
 		}
 		a.destroySession(ctx, id)
 	}
+}
+
+// holdWithHeartbeat renews the health session and heartbeats on its key until either fails or ctx
+// ends, and returns the first failure.
+func (a *Agent) holdWithHeartbeat(ctx context.Context, id string) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	errs := make(chan error, 2)
+	var wg sync.WaitGroup
+	wg.Add(2)
+	go func() { defer wg.Done(); errs <- a.renewSession(ctx, id) }()
+	go func() { defer wg.Done(); errs <- a.heartbeat(ctx, id) }()
+	err := <-errs
+	cancel()
+	wg.Wait()
+	return err
 }
 
 // destroySession releases what the session holds; during shutdown it uses the shutdown budget.

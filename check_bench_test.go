@@ -87,7 +87,12 @@ func TestCheckRunnerThroughput(t *testing.T) {
 			Definition:  checkDefinition{HTTP: url, Interval: durationField(interval), Timeout: durationField(5 * time.Second)},
 		}
 	}
+	var nodes []string
+	for i := range 100 {
+		nodes = append(nodes, fmt.Sprintf("bench-%d", i))
+	}
 	r := crStart(t, nil, func(cfg *Config) { cfg.LogLevel = "INFO" }, nil)
+	r.SetNodes(nodes)
 	r.reconcile(list, 100)
 
 	// Warm-up: one full interval, so every check has been staggered in and runs at its rate.

@@ -50,6 +50,9 @@ const (
 	minLoadGap = time.Second
 	maxLoadGap = 10 * time.Second
 
+	// takeoverSpread is how soon a check started after the first assignment runs (see startTask).
+	takeoverSpread = 500 * time.Millisecond
+
 	// minWorkers is the worker pool's floor; it grows beyond that only up to the number of running
 	// checks, so the pool is never larger than goroutine-per-check would be, and idle workers exit.
 	minWorkers        = 64
@@ -111,6 +114,12 @@ type CheckRunner struct {
 	sched  *checkScheduler
 	writer *checkWriter
 
+	// known is the highest checks-table index this runner has seen Consul confirm (loads, our own
+	// writes); a later answer below it means Consul's state went back. retakeNext asks the loader
+	// to take the catalog's copy of every check on its next load.
+	known      atomic.Uint64
+	retakeNext atomic.Bool
+
 	runs     atomic.Uint64 // completed probe runs (tests, throughput measurement)
 	loads    atomic.Uint64 // successful health-state loads (tests)
 	blocking atomic.Bool   // a blocking health-state query is in flight (tests)
@@ -139,6 +148,7 @@ type checkState struct {
 	deferN  uint64    // generation of the deferral; bumping it cancels the one in the writer's heap
 	removed bool
 	reaped  bool // service deregistered by the reaper; cleared when the check is seen again
+	refused bool // Consul refused its last write as such (logged once); cleared by a write that lands
 }
 
 // checkTask is one incarnation of a running check: a definition, the probe built once for it and its
@@ -152,10 +162,11 @@ type checkTask struct {
 	cancel   context.CancelFunc
 
 	// guarded by checkScheduler.mu
-	next    time.Time
-	index   int // position in the heap, -1 when not in it
-	running bool
-	stopped bool
+	next     time.Time
+	index    int // position in the heap, -1 when not in it
+	running  bool
+	stopped  bool
+	respread bool // the next run goes to a random point of the following interval (see startTask)
 }
 
 // catalogCheck is a health check as /v1/health/* returns it. The definition is decoded into our own
@@ -216,8 +227,10 @@ func newCheckRunner(a *Agent, tlsCfg *tls.Config) *CheckRunner {
 	return r
 }
 
-// SetNodes replaces the set of nodes whose checks this instance runs. A changed set cancels the
-// in-flight health query so the new set is loaded at once; an empty set stops every check.
+// SetNodes replaces the set of nodes whose checks this instance runs. The checks of nodes that left
+// the set stop at once, without waiting for a health query: those nodes have a new owner, and
+// while Consul cannot be queried both would run and write them. A changed set also cancels the
+// in-flight health query so the new set is loaded at once.
 func (r *CheckRunner) SetNodes(nodes []string) {
 	nodes = slices.Clone(nodes)
 	sort.Strings(nodes)
@@ -233,7 +246,24 @@ func (r *CheckRunner) SetNodes(nodes []string) {
 		r.cancelQuery()
 	}
 	r.nodesMu.Unlock()
+	r.dropUnassigned(nodes)
 	signalChan(r.nodesChanged)
+}
+
+// dropUnassigned stops the checks of nodes not in nodes (sorted).
+func (r *CheckRunner) dropUnassigned(nodes []string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	removed := 0
+	for _, st := range r.states {
+		if _, ok := slices.BinarySearch(nodes, st.check.Node); !ok {
+			r.dropState(st)
+			removed++
+		}
+	}
+	if removed > 0 {
+		r.logger.Info("Stopped the checks of nodes no longer assigned", "removed", removed, "count", len(r.states))
+	}
 }
 
 // Nodes returns the current node set.
@@ -281,6 +311,7 @@ func (r *CheckRunner) Run(ctx context.Context) {
 	start(r.loadLoop)
 	start(r.writer.loop)
 	start(r.reapLoop)
+	start(r.watchIndex)
 	<-ctx.Done()
 	r.baseCancel()
 	wg.Wait()
@@ -347,6 +378,10 @@ func (r *CheckRunner) loadLoop(ctx context.Context) {
 			// A new assignment starts a fresh, non-blocking query and skips the load gap.
 			gen, idx, lastStart = curGen, 0, time.Time{}
 		}
+		retake := r.retakeNext.Swap(false)
+		if retake {
+			idx, lastStart = 0, time.Time{}
+		}
 		if len(nodes) == 0 {
 			cancel()
 			metrics.SetGauge(nodesMonitor, 0)
@@ -368,6 +403,7 @@ func (r *CheckRunner) loadLoop(ctx context.Context) {
 		}
 		lastStart = time.Now()
 		r.blocking.Store(idx > 0)
+		known := r.known.Load() // before the query: all of it is in any state the query can see
 		checks, meta, arrived, err := r.fetchChecks(qctx, nodes, idx)
 		r.blocking.Store(false)
 		reassigned := qctx.Err() != nil && ctx.Err() == nil
@@ -385,6 +421,9 @@ func (r *CheckRunner) loadLoop(ctx context.Context) {
 				failing = true
 			}
 			idx = 0
+			if retake {
+				r.retakeNext.Store(true)
+			}
 			r.waitAssignment(ctx, retry.next())
 			continue
 		}
@@ -394,21 +433,81 @@ func (r *CheckRunner) loadLoop(ctx context.Context) {
 		}
 		retry.reset()
 		r.agent.status.contact()
+		if meta.LastIndex < known && !r.agent.config().StaleReadNodes {
+			// (A stale read may lag our own writes; watchIndex asks the leader instead.)
+			retake = true
+		}
+		if retake {
+			r.logger.Warn("Consul's index went backwards (snapshot restore?), taking the catalog's copy of every check",
+				"index", meta.LastIndex, "known", known)
+			r.known.Store(meta.LastIndex)
+		} else {
+			r.raiseKnown(meta.LastIndex)
+		}
 		metrics.SetGauge(nodesMonitor, float32(len(nodes)))
-		r.reconcile(checks, len(nodes))
+		r.reconcileAt(checks, len(nodes), meta.LastIndex, retake)
 		r.loads.Add(1)
 		hadChecks = len(checks)
 		if !arrived.IsZero() {
 			metrics.MeasureSince(fetchAndUpd, arrived)
 		}
-		// An index going backwards means Consul's state was reset (snapshot restore): start over.
-		if meta.LastIndex < idx {
-			idx = 0
-		} else {
-			idx = meta.LastIndex
+		idx = meta.LastIndex
+	}
+}
+
+// raiseKnown records that Consul confirmed index.
+func (r *CheckRunner) raiseKnown(index uint64) {
+	for {
+		cur := r.known.Load()
+		if index <= cur || r.known.CompareAndSwap(cur, index) {
+			return
 		}
 	}
 }
+
+// indexProbeInterval is how often watchIndex asks for the checks table's index: half the shortest
+// check interval (1 s), so a regression is noticed within one interval of any check.
+const indexProbeInterval = minCheckInterval / 2
+
+// watchIndex notices a regression of Consul's state the loader cannot see: after a snapshot
+// restore the checks table may be back at an index at or below the one the loader waits on, and
+// its blocking query then returns only at its wait time (45 s). A check whose result does not
+// change would keep the restored status meanwhile. It asks for the table's index (an empty
+// node's checks: a tiny answer carrying it) and, when it is below what Consul had confirmed before
+// the request was sent, makes the loader take the catalog's copies at once.
+func (r *CheckRunner) watchIndex(ctx context.Context) {
+	t := time.NewTicker(indexProbeInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if _, checks, _ := r.Stats(); checks == 0 {
+			continue
+		}
+		known := r.known.Load()
+		q := r.agent.queryOptions(ctx)
+		q.Namespace = r.namespaceWildcard() // the loads' scope, so the indexes compare
+		_, meta, err := r.agent.client.Health().Node(indexProbeNode, q)
+		if err != nil || meta.LastIndex >= known || r.retakeNext.Load() {
+			continue
+		}
+		r.logger.Debug("Checks table index below the known one", "index", meta.LastIndex, "known", known)
+		r.retakeNext.Store(true)
+		r.nodesMu.Lock()
+		if r.cancelQuery != nil {
+			r.cancelQuery()
+		}
+		r.nodesMu.Unlock()
+		signalChan(r.nodesChanged)
+	}
+}
+
+// indexProbeNode is the node watchIndex asks about; whether it exists does not matter, the answer
+// carries the index of the whole checks table either way.
+const indexProbeNode = "consul-esm-index-probe"
 
 // loadGap is the pause between loads for a given number of checks (see minLoadGap).
 func (r *CheckRunner) loadGap(checks int) time.Duration {
@@ -465,8 +564,9 @@ func (r *CheckRunner) fetchChecks(ctx context.Context, nodes []string, idx uint6
 }
 
 // decodeChecks reads a JSON array of health checks and returns those on nodes (sorted), without the
-// prober's externalNodeHealth checks. A check already held at the same or a newer ModifyIndex is
-// returned as the held copy, which reconcile treats as unchanged.
+// prober's externalNodeHealth checks. A check already held at the same ModifyIndex is returned as
+// the held copy, which reconcile treats as unchanged; an older one is returned as decoded, for
+// reconcileAt to tell a stale read from a catalog that went back.
 func (r *CheckRunner) decodeChecks(body io.Reader, nodes []string) ([]*catalogCheck, error) {
 	dec := json.NewDecoder(body)
 	tok, err := dec.Token()
@@ -505,12 +605,12 @@ func (r *CheckRunner) decodeChecks(body io.Reader, nodes []string) ([]*catalogCh
 	return out, nil
 }
 
-// heldCopy returns the runner's copy of c when it is at least as new as c.
+// heldCopy returns the runner's copy of c when it is at c's index.
 func (r *CheckRunner) heldCopy(c *catalogCheck) *catalogCheck {
 	key := c.checkKey()
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if st := r.states[key]; st != nil && c.ModifyIndex <= st.check.ModifyIndex {
+	if st := r.states[key]; st != nil && c.ModifyIndex == st.check.ModifyIndex {
 		return st.check
 	}
 	return nil
@@ -558,6 +658,14 @@ func (r *CheckRunner) namespaceWildcard() string {
 // reconcile makes the running checks match checks (the complete list for our nodes): new checks
 // start, checks whose definition changed restart, missing ones stop — also when checks is empty.
 func (r *CheckRunner) reconcile(checks []*catalogCheck, nodeCount int) {
+	r.reconcileAt(checks, nodeCount, 0, false)
+}
+
+// reconcileAt is reconcile for checks read from Consul's state at index asOf. A copy older than
+// ours is normally a stale read (or a load that started before our write): ours stays. It is the
+// catalog's truth when asOf covers our copy's index, since that state contains every write up to
+// asOf unless the state went back, or when retake says the state went back (snapshot restore).
+func (r *CheckRunner) reconcileAt(checks []*catalogCheck, nodeCount int, asOf uint64, retake bool) {
 	defer metrics.MeasureSince([]string{"checks", "update"}, time.Now())
 	type logLine struct {
 		msg  string
@@ -567,10 +675,16 @@ func (r *CheckRunner) reconcile(checks []*catalogCheck, nodeCount int) {
 	logf := func(msg string, args ...any) { logs = append(logs, logLine{msg, args}) }
 
 	r.mu.Lock()
+	// A load that started before the assignment shrank must not restart what SetNodes stopped;
+	// reading the set under mu orders this against SetNodes' dropUnassigned.
+	assigned := r.Nodes()
 	seen := make(map[string]struct{}, len(checks))
 	var added, updated, removed, found, passing int
 	services := make(map[string]struct{})
 	for _, c := range checks {
+		if _, ok := slices.BinarySearch(assigned, c.Node); !ok {
+			continue
+		}
 		key := c.checkKey()
 		if _, dup := seen[key]; dup {
 			continue
@@ -610,10 +724,15 @@ func (r *CheckRunner) reconcile(checks []*catalogCheck, nodeCount int) {
 			}
 			continue
 		}
-		if c.ModifyIndex <= st.check.ModifyIndex {
+		if c.ModifyIndex == st.check.ModifyIndex ||
+			(c.ModifyIndex < st.check.ModifyIndex && !retake && st.check.ModifyIndex > asOf) {
 			// Not newer than what we know (a stale read, or our own write already recorded).
 			found++
 			continue
+		}
+		if c.ModifyIndex < st.check.ModifyIndex {
+			// The catalog went back: its output is as old as its status, so write the next at once.
+			st.fresh = true
 		}
 		r.refreshCatalog(st, c)
 		if defsEqual(&st.def, &c.Definition) {
@@ -685,8 +804,15 @@ func (r *CheckRunner) refreshCatalog(st *checkState, c *catalogCheck) {
 	}
 }
 
-// startTask builds the probe for c and schedules its first run at a random point within one
-// interval. It reports false when the probe cannot be built. Caller holds mu.
+// startTask builds the probe for c and schedules its first run. It reports false when the probe
+// cannot be built. Caller holds mu.
+//
+// The checks of the first assignment start at random points within one interval, as Consul
+// staggers its own, so a starting instance does not probe everything at once. A check started later
+// (taken over from a peer that died or left, or restarted by a definition change) runs within
+// takeoverSpread instead: failover is over only when the survivors run the dead instance's checks,
+// and an interval of 10 s or more would dominate it. Its second run lands at a random point of the
+// following interval, which spreads the schedule out again.
 func (r *CheckRunner) startTask(st *checkState, c *catalogCheck, kind string, logf func(string, ...any)) bool {
 	def := c.Definition
 	st.def = def
@@ -713,7 +839,12 @@ func (r *CheckRunner) startTask(st *checkState, c *catalogCheck, kind string, lo
 	t := &checkTask{st: st, kind: kind, probe: probe, interval: interval, ctx: ctx, cancel: cancel, index: -1}
 	st.task = t
 	st.fresh = true
-	r.sched.add(t, time.Now().Add(rand.N(interval)))
+	spread := interval
+	if r.loads.Load() > 0 {
+		spread = min(interval, takeoverSpread)
+		t.respread = true
+	}
+	r.sched.add(t, time.Now().Add(rand.N(spread)))
 	return true
 }
 
@@ -1029,6 +1160,10 @@ func (s *checkScheduler) finished(t *checkTask) {
 	}
 	now := time.Now()
 	t.next = t.next.Add(t.interval)
+	if t.respread {
+		t.respread = false
+		t.next = now.Add(rand.N(t.interval))
+	}
 	if !t.next.After(now) {
 		t.next = now.Add(t.interval)
 	}

@@ -1,9 +1,11 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -912,11 +914,14 @@ func TestCheckRunnerDefsEqual(t *testing.T) {
 
 // crSyntheticChecks builds n checks on 10 fake nodes; odd ones already carry the output the
 // target will produce (no write), even ones start critical (a write the writer must handle).
+// crSyntheticNodes are the nodes of crSyntheticChecks; reconcile runs only checks of assigned nodes.
+var crSyntheticNodes = []string{"syn-0", "syn-1", "syn-2", "syn-3", "syn-4", "syn-5", "syn-6", "syn-7", "syn-8", "syn-9"}
+
 func crSyntheticChecks(n int, url string, modifyIndex uint64, keyOffset int) []*catalogCheck {
 	out := make([]*catalogCheck, n)
 	for i := range out {
 		c := &catalogCheck{
-			Node:        fmt.Sprintf("syn-%d", i%10),
+			Node:        crSyntheticNodes[i%len(crSyntheticNodes)],
 			CheckID:     fmt.Sprintf("check-%d", i+keyOffset),
 			Status:      statusPassing,
 			Output:      fmt.Sprintf("HTTP GET %s: 200 OK Output: ok", url),
@@ -941,6 +946,7 @@ func TestCheckRunnerGoroutinesAfterChurn(t *testing.T) {
 	r := crStart(t, nil, nil, func(r *CheckRunner) { r.sched.idle = 300 * time.Millisecond })
 	// The synthetic nodes are not in any Consul (the agent points at 127.0.0.1:1): every write of the
 	// even checks fails and is reverted, which churns the writer too.
+	r.SetNodes(crSyntheticNodes)
 	r.reconcile(crSyntheticChecks(1000, tg.URL+"/a", 10, 0), 10)
 	waitFor(t, 15*time.Second, func() error {
 		if n := tg.count("/a"); n < 1000 {
@@ -1089,15 +1095,16 @@ func TestDecodeChecks(t *testing.T) {
 		t.Fatalf("fields leaked between checks: %+v / %+v", got[0], got[1])
 	}
 
-	// Once running, a check at the same ModifyIndex comes back as the runner's own copy, a newer
-	// one as the fresh decode.
+	// Once running, a check at the same ModifyIndex comes back as the runner's own copy, a newer or
+	// an older one as the fresh decode (reconcileAt decides whether an older one is a stale read).
 	held := &catalogCheck{Node: "n1", CheckID: "a", Status: statusPassing, ModifyIndex: 7,
 		Definition: checkDefinition{HTTP: "http://127.0.0.1:1/", Interval: durationField(time.Hour)}}
+	r.SetNodes(nodes)
 	r.reconcile([]*catalogCheck{held}, 1)
 	for _, tc := range []struct {
 		index uint64
 		same  bool
-	}{{6, true}, {7, true}, {8, false}} {
+	}{{6, false}, {7, true}, {8, false}} {
 		body := fmt.Sprintf(`[{"Node":"n1","CheckID":"a","Status":"passing","ModifyIndex":%d,"Definition":{"HTTP":"http://127.0.0.1:1/","Interval":"1h"}}]`, tc.index)
 		got, err := r.decodeChecks(strings.NewReader(body), nodes)
 		if err != nil || len(got) != 1 {
@@ -1106,5 +1113,105 @@ func TestDecodeChecks(t *testing.T) {
 		if (got[0] == held) != tc.same {
 			t.Errorf("index %d: held copy returned %v, want %v", tc.index, got[0] == held, tc.same)
 		}
+	}
+}
+
+// TestCheckRunnerShrinkStopsAtOnce: nodes taken out of the assignment stop being checked at once,
+// also while Consul cannot be queried (their new owner runs them already; two owners writing the
+// same checks is what the assignment exists to prevent).
+func TestCheckRunnerShrinkStopsAtOnce(t *testing.T) {
+	srv := newTestConsul(t)
+	proxy := newFaultProxy(t, srv.HTTPAddr)
+	tg := crNewTarget(t)
+	interval := 100 * time.Millisecond
+	crRegister(t, srv.Client, "shrink-keep", "", crHTTPCheck("keep", tg.URL+"/keep", interval))
+	crRegister(t, srv.Client, "shrink-gone", "", crHTTPCheck("gone", tg.URL+"/gone", interval))
+	r := crStart(t, srv, func(c *Config) { c.HTTPAddr = proxy.Listener.Addr().String() }, nil)
+	r.SetNodes([]string{"shrink-gone", "shrink-keep"})
+	crWaitRunning(t, r, 2)
+	waitFor(t, 5*time.Second, func() error {
+		if tg.count("/gone") < 2 {
+			return errNotYet
+		}
+		return nil
+	})
+
+	proxy.mode.Store(fault500)
+	r.SetNodes([]string{"shrink-keep"})
+	if _, checks, _ := r.Stats(); checks != 1 {
+		t.Errorf("running %d checks right after the assignment shrank, want 1", checks)
+	}
+	crStopped(t, tg, "/gone", "/keep")
+}
+
+// TestCheckRunnerConvergesAfterSnapshotRestore: a snapshot restore brings back an old status with a
+// lower ModifyIndex than the runner's copy. The runner must take the catalog's copy, so a target
+// whose result does not change is written again within two intervals.
+func TestCheckRunnerConvergesAfterSnapshotRestore(t *testing.T) {
+	srv := newTestConsul(t)
+	tg := crNewTarget(t)
+	tg.code.Store(http.StatusInternalServerError)
+	interval := time.Second
+	crRegister(t, srv.Client, "restore-node", "", crHTTPCheck("c", tg.URL+"/c", interval))
+	r := crStart(t, srv, nil, nil)
+	r.SetNodes([]string{"restore-node"})
+	crWaitCheck(t, srv.Client, "restore-node", "c", 10*time.Second, crStatus(statusCritical, "500"))
+
+	snap, _, err := srv.Client.Snapshot().Save(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	data, err := io.ReadAll(snap)
+	snap.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	tg.code.Store(http.StatusOK)
+	crWaitCheck(t, srv.Client, "restore-node", "c", 10*time.Second, crStatus(statusPassing, "200 OK"))
+	if err := srv.Client.Snapshot().Restore(nil, bytes.NewReader(data)); err != nil {
+		t.Fatal(err)
+	}
+	restored := time.Now()
+	if c, err := crGetCheck(srv.Client, "restore-node", "c"); err != nil || c == nil || c.Status != statusCritical {
+		t.Fatalf("after the restore the check is %+v (%v), want the snapshot's critical", c, err)
+	}
+	crWaitCheck(t, srv.Client, "restore-node", "c", 10*time.Second, crStatus(statusPassing, "200 OK"))
+	took := time.Since(restored)
+	t.Logf("passing again %s after the snapshot restore", took)
+	if took > 2*interval {
+		t.Errorf("status converged %s after the restore, want within two intervals (%s)", took, 2*interval)
+	}
+}
+
+// TestReconcileOlderCopy: a catalog copy older than the runner's is a stale read unless the state
+// it came from covers the runner's index (then the catalog went back) or a regression was seen.
+func TestReconcileOlderCopy(t *testing.T) {
+	r := crStart(t, nil, nil, nil)
+	r.SetNodes([]string{"n1"})
+	check := func(index uint64, status string) *catalogCheck {
+		return &catalogCheck{Node: "n1", CheckID: "a", Status: status, ModifyIndex: index,
+			Definition: checkDefinition{HTTP: "http://127.0.0.1:1/", Interval: durationField(time.Hour)}}
+	}
+	status := func() string {
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		return r.states["n1/a"].check.Status
+	}
+	for _, tc := range []struct {
+		name   string
+		asOf   uint64
+		retake bool
+		want   string
+	}{
+		{"stale read (state before our index)", 19, false, statusPassing},
+		{"state covers our index: the catalog went back", 25, false, statusCritical},
+		{"regression seen", 19, true, statusCritical},
+	} {
+		r.reconcile([]*catalogCheck{check(20, statusPassing)}, 1)
+		r.reconcileAt([]*catalogCheck{check(18, statusCritical)}, 1, tc.asOf, tc.retake)
+		if got := status(); got != tc.want {
+			t.Errorf("%s: runner holds %s, want %s", tc.name, got, tc.want)
+		}
+		r.reconcile(nil, 0)
 	}
 }

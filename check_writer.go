@@ -30,6 +30,10 @@ const (
 	// writeAttempts bounds how often a batch is re-read and retried after a stale-index conflict.
 	writeAttempts = 3
 
+	// recoveringWriteTimeout bounds each write attempt after one failed to reach Consul (see
+	// attemptContext).
+	recoveringWriteTimeout = time.Second
+
 	// nodeReadParallelism bounds the concurrent consistent reads of one flush.
 	nodeReadParallelism = 8
 
@@ -40,6 +44,7 @@ const (
 var (
 	checkTxnKey      = []string{"check", "txn"}
 	writeFailuresKey = []string{"esm", "consul", "write_failures"}
+	writeRefusedKey  = []string{"esm", "checks", "write_refused"}
 )
 
 // checkWriter writes check status to the catalog. Changes are collected for writeBatchWindow (or
@@ -72,9 +77,13 @@ type checkWriter struct {
 	// afterRead, when set (tests), runs between the consistent read and the write of every attempt.
 	afterRead func()
 
+	// recovering is set when a write failed to reach Consul, until one succeeds (writer goroutine only).
+	recovering bool
+
 	txns     atomic.Uint64 // transactions sent (tests)
 	maxOps   atomic.Int64  // largest transaction sent (tests)
-	failures atomic.Uint64 // check writes given up (tests)
+	failures atomic.Uint64 // check writes given up (/health)
+	refused  atomic.Uint64 // of those, refused by Consul as such (/health)
 }
 
 func newCheckWriter(r *CheckRunner) *checkWriter {
@@ -251,11 +260,27 @@ func (w *checkWriter) flush(ctx context.Context, batch []*checkState) {
 		if len(ops) == 0 {
 			return
 		}
-		batch = w.attempt(ctx, ops, attempt == 1, attempt == writeAttempts)
+		actx, cancel := w.attemptContext(ctx)
+		batch = w.attempt(actx, ops, attempt == 1, attempt == writeAttempts)
+		cancel()
 		if len(batch) > 0 {
 			metrics.IncrCounter([]string{"check", "txn", "retry"}, 1)
 		}
 	}
+}
+
+// attemptContext bounds an attempt by recoveringWriteTimeout while Consul is recovering (the last
+// attempt failed to reach it): a server without a leader holds a write for up to rpc_hold_timeout
+// (7 s) and lets it go on its own backoff, seconds after it has a leader again, and as the writer
+// sends one transaction at a time every other check's write would wait behind it. Given up, the
+// write is reverted and retried from the next result; if Consul applies it meanwhile, that retry's
+// CAS finds the new index and re-reads. A working Consul answers in milliseconds, so the bound never
+// applies to it.
+func (w *checkWriter) attemptContext(ctx context.Context) (context.Context, context.CancelFunc) {
+	if !w.recovering {
+		return ctx, func() {}
+	}
+	return context.WithTimeout(ctx, recoveringWriteTimeout)
 }
 
 // snapshot takes the current wanted state of each check in batch. The first snapshot of a batch
@@ -299,6 +324,7 @@ func (w *checkWriter) attempt(ctx context.Context, ops []*pendingWrite, optimist
 	for _, op := range ops {
 		switch {
 		case op.readErr != nil:
+			w.recovering = true
 			w.revert(op)
 		case op.fresh == nil:
 			// The check left the catalog; the next load stops it.
@@ -319,17 +345,37 @@ func (w *checkWriter) attempt(ctx context.Context, ops []*pendingWrite, optimist
 			w.register(ctx, op)
 		}
 	}
-	if len(txnOps) == 0 {
-		return nil
+	sizes := make([]int, len(txnOps))
+	for i, op := range txnOps {
+		sizes[i] = opSize(op)
 	}
+	for _, b := range txnBatches(sizes, maxTxnOps, 0) {
+		retry = append(retry, w.send(ctx, txnOps[b[0]:b[1]], inTxn[b[0]:b[1]], last)...)
+	}
+	return retry
+}
 
+// send writes one transaction and records the outcome of each of its checks. It returns the
+// checks to retry after a stale-index conflict (not on the last attempt). A transaction Consul
+// refuses as such (too large for its txn_max_req_len) is split into single checks, so only the
+// check that cannot be written fails, and that one is reported once (writeRefused).
+func (w *checkWriter) send(ctx context.Context, txnOps api.TxnOps, inTxn []*pendingWrite, last bool) (retry []*checkState) {
 	metrics.IncrCounter(checkTxnKey, 1)
 	w.txns.Add(1)
 	if n := int64(len(txnOps)); n > w.maxOps.Load() {
 		w.maxOps.Store(n) // only the writer goroutine stores
 	}
 	ok, resp, _, err := w.r.agent.client.Txn().Txn(txnOps, w.r.agent.queryOptions(ctx))
+	w.recovering = err != nil && !txnRefused(err)
 	switch {
+	case err != nil && txnRefused(err) && len(txnOps) > 1:
+		for i := range txnOps {
+			retry = append(retry, w.send(ctx, txnOps[i:i+1], inTxn[i:i+1], last)...)
+		}
+		return retry
+	case err != nil && txnRefused(err):
+		w.writeRefused(inTxn[0], err)
+		return nil
 	case err != nil:
 		w.r.agent.status.failed(err)
 		w.r.logger.Warn("Error updating check status in Consul", "checks", len(inTxn), "error", err)
@@ -369,6 +415,23 @@ func (w *checkWriter) attempt(ctx context.Context, ops []*pendingWrite, optimist
 		w.apply(op)
 	}
 	return nil
+}
+
+// writeRefused gives up on a write Consul refuses to accept at all. It is logged once per check
+// (until one of its writes succeeds) and counted in esm.checks.write_refused; the check's next
+// result tries again, alone, so its neighbours never wait on it.
+func (w *checkWriter) writeRefused(op *pendingWrite, err error) {
+	metrics.IncrCounter(writeRefusedKey, 1)
+	w.refused.Add(1)
+	w.r.mu.Lock()
+	first := !op.st.refused
+	op.st.refused = true
+	w.r.mu.Unlock()
+	if first {
+		w.r.logger.Warn("Consul refused the status write of a check (other checks are not held back)",
+			"checkID", op.checkID, "node", op.node, "error", err)
+	}
+	w.revert(op)
 }
 
 // useLocalCopies sets each op's base copy to the runner's own when that copy can be CAS-written
@@ -501,9 +564,10 @@ type catalogRegisterCheck struct {
 // register writes a check whose definition the txn endpoint would mangle (UDP, H2PING,
 // DisableRedirects, OutputMaxSize) through /v1/catalog/register, which stores the full definition.
 // The register endpoint has no CAS, so this is guarded only by the consistent read just before it:
-// an edit landing in the few milliseconds between that read and this write is overwritten (and
-// a node deleted in that window would be re-created without an address). Checks of every other type
-// keep the real CAS.
+// an edit landing in the few milliseconds between that read and this write is overwritten (Consul
+// 1.22 offers no conditional write that keeps these definitions). A node deleted in that window is
+// not left re-created: a service check's write fails with the service gone, and a node check's
+// write is followed by removeGhostNode. Checks of every other type keep the real CAS.
 func (w *checkWriter) register(ctx context.Context, op *pendingWrite) {
 	c := op.fresh
 	body := &catalogRegistration{
@@ -528,9 +592,39 @@ func (w *checkWriter) register(ctx context.Context, op *pendingWrite) {
 		return
 	}
 	w.r.agent.status.contact()
+	if c.ServiceID == "" && w.removeGhostNode(ctx, c, wo) {
+		w.gone(op)
+		return
+	}
 	// The register endpoint does not return the new ModifyIndex; the next load brings it.
 	op.index = c.ModifyIndex
 	w.apply(op)
+}
+
+// removeGhostNode undoes a node the register of a node check re-created: if the node was deleted
+// (reaped) after the consistent read, the SkipNodeUpdate registration creates it again without an
+// address or meta, which no registration of a real node can do (Consul requires an address unless
+// SkipNodeUpdate is set). Such a node is deleted, compare-and-set on the index it has, so a real
+// registration landing meanwhile is kept. It reports whether it removed the node.
+func (w *checkWriter) removeGhostNode(ctx context.Context, c *catalogCheck, wo *api.WriteOptions) bool {
+	q := w.r.agent.queryOptions(ctx)
+	q.RequireConsistent = true
+	q.Partition = wo.Partition
+	node, _, err := w.r.agent.client.Catalog().Node(c.Node, q)
+	if err != nil || node == nil || node.Node == nil || node.Node.Address != "" {
+		return false
+	}
+	del := &api.TxnOp{Node: &api.NodeTxnOp{Verb: api.NodeDeleteCAS, Node: api.Node{
+		Node: c.Node, Partition: c.Partition, ModifyIndex: node.Node.ModifyIndex}}}
+	ok, _, _, err := w.r.agent.client.Txn().Txn(api.TxnOps{del}, w.r.agent.queryOptions(ctx))
+	if err != nil || !ok {
+		w.r.logger.Warn("Could not remove the node a check write re-created after it was deregistered",
+			"node", c.Node, "error", err)
+		return false
+	}
+	w.r.logger.Info("Node was deregistered while a check status was written; removed the node the write re-created",
+		"node", c.Node, "checkID", c.CheckID)
+	return true
 }
 
 // apply records a confirmed catalog state (written by us, or already there).
@@ -552,6 +646,8 @@ func (w *checkWriter) apply(op *pendingWrite) {
 		c.ModifyIndex = st.check.ModifyIndex
 	}
 	st.check = &c
+	st.refused = false
+	r.raiseKnown(c.ModifyIndex)
 	if c.Status == statusCritical {
 		if st.criticalSince.IsZero() {
 			st.criticalSince = time.Now()

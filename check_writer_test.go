@@ -2,8 +2,12 @@ package main
 
 import (
 	"fmt"
+	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/hashicorp/consul/api"
 )
 
 // TestWriterTakeBatch covers when a batch goes out and what it carries: the short window for an
@@ -87,5 +91,90 @@ func TestWriterTakeBatch(t *testing.T) {
 		if len(batch) != tc.wantTake || (tc.wantTake == 0 && wait != tc.wantWait) {
 			t.Errorf("window %v: took %d, wait %v; want %d, %v", tc.window, len(batch), wait, tc.wantTake, tc.wantWait)
 		}
+	}
+}
+
+// TestWriterIsolatesOversizedCheck: a check whose status write is larger than Consul accepts in a
+// transaction (a 600 KiB Body) is written alone, refused alone, logged once and counted, while its
+// neighbours on the same node turn passing as if it were not there.
+func TestWriterIsolatesOversizedCheck(t *testing.T) {
+	srv := newTestConsul(t)
+	tg := crNewTarget(t)
+	const node, neighbours = "big-node", 20
+	interval := 200 * time.Millisecond
+	big := crHTTPCheck("big", tg.URL+"/big", interval)
+	big.Definition.Body = strings.Repeat("x", 600<<10)
+	crRegister(t, srv.Client, node, "", big)
+	for i := 0; i < neighbours; i++ {
+		crRegister(t, srv.Client, node, "", crHTTPCheck(fmt.Sprintf("small-%d", i), tg.URL+"/small", interval))
+	}
+	r := crStart(t, srv, func(c *Config) {
+		c.Telemetry.PrometheusRetentionTime = time.Minute
+		c.Telemetry.DisableHostname = true
+	}, nil)
+	start := time.Now()
+	r.SetNodes([]string{node})
+
+	for i := 0; i < neighbours; i++ {
+		crWaitCheck(t, srv.Client, node, fmt.Sprintf("small-%d", i), 5*time.Second, crStatus(statusPassing, "200 OK"))
+	}
+	t.Logf("all %d neighbours passing after %s", neighbours, time.Since(start))
+	waitFor(t, 5*time.Second, func() error {
+		if n := tg.count("/big"); n < 10 {
+			return fmt.Errorf("big probed %d times", n)
+		}
+		return nil
+	})
+	if c, _ := crGetCheck(srv.Client, node, "big"); c == nil || c.Status != statusCritical {
+		t.Fatalf("big check = %+v, want it left critical (its write cannot land)", c)
+	}
+	logs := r.logs.String()
+	if n := strings.Count(logs, "Consul refused the status write of a check"); n != 1 {
+		t.Errorf("refusal logged %d times, want once", n)
+	}
+	if !strings.Contains(logs, "too large") {
+		t.Error("the log does not give Consul's reason")
+	}
+	if v, _, ok := gatherCounter(t, r.agent.telemetry, "esm_checks_write_refused"); !ok || v < 2 {
+		t.Errorf("esm_checks_write_refused = %v (found %v), want every refused write counted", v, ok)
+	}
+}
+
+// TestWriterDoesNotResurrectReapedNode: a node check written through /v1/catalog/register (its
+// definition has DisableRedirects, which the txn endpoint would drop) whose node is deregistered
+// between the writer's read and its write must not leave the node re-created without its address.
+func TestWriterDoesNotResurrectReapedNode(t *testing.T) {
+	srv := newTestConsul(t)
+	tg := crNewTarget(t)
+	check := crHTTPCheck("nc", tg.URL+"/nc", 200*time.Millisecond)
+	check.Definition.DisableRedirects = true
+	crRegister(t, srv.Client, "reaped-node", "", check)
+	var reaped atomic.Bool
+	r := crStart(t, srv, nil, func(r *CheckRunner) {
+		r.writer.afterRead = func() {
+			if reaped.Swap(true) {
+				return
+			}
+			_, _ = srv.Client.Catalog().Deregister(&api.CatalogDeregistration{Node: "reaped-node"}, nil)
+		}
+	})
+	r.SetNodes([]string{"reaped-node"})
+	waitFor(t, 10*time.Second, func() error {
+		if !reaped.Load() {
+			return errNotYet
+		}
+		return nil
+	})
+	// The point: give the write that raced the deregistration time to land (and anything else).
+	time.Sleep(time.Second)
+	node, _, err := srv.Client.Catalog().Node("reaped-node", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if node != nil && node.Node != nil {
+		t.Fatalf("the deregistered node came back: %+v (checks: %d)", node.Node, len(node.Services))
+	}
+	if !strings.Contains(r.logs.String(), "removed the node the write re-created") {
+		t.Errorf("the removal was not logged:\n%s", r.logs)
 	}
 }

@@ -81,15 +81,18 @@ type Config struct {
 	// rules). Each entry is a message without a level prefix; main logs them at WARN.
 	Warnings []string
 
+	// Failure detection (see README "Running several instances"): how soon peers notice that this
+	// instance died, and how long a stall they forgive.
+	AgentTTL           time.Duration // instance_ttl, 7s: TTL of the instance's check (agent mode)
+	TTLRefreshInterval time.Duration // instance_ttl_refresh, 1.5s: how often that check is passed
+	SessionTTL         time.Duration // session_ttl, 10s: TTL of the leader session (and agentless health session)
+	LockDelay          time.Duration // lock_delay, 500ms: lock delay of the leader session
+
 	// Internal timings, not settable from files.
 	NodeHealthRefreshInterval time.Duration // 1h: debounce of the externalNodeHealth status writes
 	PingTimeout               time.Duration // 5s
-	AgentTTL                  time.Duration // 30s: TTL of the self-registration check
-	TTLRefreshInterval        time.Duration // 15s
 	DeregisterAfter           time.Duration // 30m: DeregisterCriticalServiceAfter of the own TTL check
 	RetryInterval             time.Duration // 10s: pause after errors
-	SessionTTL                time.Duration // 15s leader lock session TTL; LoadConfig uses 30s in agentless mode
-	LockDelay                 time.Duration // 15s
 	QueryWaitTime             time.Duration // 45s: wait time of every blocking query
 	KeeperInterval            time.Duration // 30s: registration keeper
 	ReapInterval              time.Duration // 30s: DeregisterCriticalServiceAfter reaper
@@ -146,7 +149,6 @@ func (e *ValidationError) Error() string { return e.Msg }
 
 const (
 	defaultBatchFlushInterval = 500 * time.Millisecond
-	agentlessSessionTTL       = 30 * time.Second
 	defaultSyslogFacility     = "LOCAL0"
 	enableAgentlessEnv        = "CONSUL_ENABLEAGENTLESS"
 )
@@ -176,12 +178,12 @@ func DefaultConfig() *Config {
 
 		NodeHealthRefreshInterval: time.Hour,
 		PingTimeout:               5 * time.Second,
-		AgentTTL:                  30 * time.Second,
-		TTLRefreshInterval:        15 * time.Second,
+		AgentTTL:                  7 * time.Second,
+		TTLRefreshInterval:        1500 * time.Millisecond,
 		DeregisterAfter:           30 * time.Minute,
 		RetryInterval:             10 * time.Second,
-		SessionTTL:                15 * time.Second,
-		LockDelay:                 15 * time.Second,
+		SessionTTL:                10 * time.Second,
+		LockDelay:                 500 * time.Millisecond,
 		QueryWaitTime:             45 * time.Second,
 		KeeperInterval:            30 * time.Second,
 		ReapInterval:              30 * time.Second,
@@ -191,6 +193,34 @@ func DefaultConfig() *Config {
 func defaultTelemetryConfig() TelemetryConfig {
 	// filter_default is true as in Consul; false with no allow rules would drop every metric.
 	return TelemetryConfig{FilterDefault: true}
+}
+
+// Bounds of the failure-detection keys. Consul keeps a session's lock delay to at most 60 s and its
+// TTL to at most 24 h; below its session_ttl_min (10 s by default) it refuses the session, with
+// its own message, when the session is created.
+const (
+	maxLockDelay  = 60 * time.Second
+	maxSessionTTL = 24 * time.Hour
+	minSessionTTL = time.Second
+	minTTLRefresh = 100 * time.Millisecond
+)
+
+// validateFailureDetection checks instance_ttl, instance_ttl_refresh, session_ttl and lock_delay.
+// The refresh must fit at least twice into the TTL: otherwise one late refresh lets the check expire
+// and peers take this instance's nodes while it is alive.
+func (c *Config) validateFailureDetection() error {
+	fail := func(format string, args ...any) error { return &ValidationError{Msg: fmt.Sprintf(format, args...)} }
+	switch {
+	case c.TTLRefreshInterval < minTTLRefresh:
+		return fail("instance_ttl_refresh %q must be at least %s", c.TTLRefreshInterval, minTTLRefresh)
+	case c.AgentTTL < 2*c.TTLRefreshInterval:
+		return fail("instance_ttl %q must be at least twice instance_ttl_refresh (%s)", c.AgentTTL, c.TTLRefreshInterval)
+	case c.SessionTTL < minSessionTTL || c.SessionTTL > maxSessionTTL:
+		return fail("session_ttl %q must be between %s and %s", c.SessionTTL, minSessionTTL, maxSessionTTL)
+	case c.LockDelay < 0 || c.LockDelay > maxLockDelay:
+		return fail("lock_delay %q must be between 0s and %s", c.LockDelay, maxLockDelay)
+	}
+	return nil
 }
 
 // LoadConfig builds the config from defaults overlaid by each path in order. A path may be a file or
@@ -228,10 +258,6 @@ func LoadConfig(paths []string) (*Config, error) {
 	if c.EnableSyslog && c.SyslogFacility == "" {
 		c.SyslogFacility = defaultSyslogFacility
 	}
-	if c.EnableAgentless {
-		c.SessionTTL = agentlessSessionTTL
-	}
-
 	if err := c.Validate(); err != nil {
 		return nil, err
 	}
@@ -286,6 +312,9 @@ func (c *Config) Validate() error {
 		if d.val < 0 {
 			return fail("%s cannot be negative", d.key)
 		}
+	}
+	if err := c.validateFailureDetection(); err != nil {
+		return err
 	}
 	if c.ClientAddress != "" {
 		if err := configCheckHostPort(c.ClientAddress); err != nil {
@@ -791,6 +820,10 @@ var configRootKeyList = []configSpec[Config]{
 	{"passing_threshold", configInt(func(c *Config) *int { return &c.PassingThreshold })},
 	{"critical_threshold", configInt(func(c *Config) *int { return &c.CriticalThreshold })},
 	{"check_update_interval", configDuration(func(c *Config) *time.Duration { return &c.CheckUpdateInterval })},
+	{"instance_ttl", configDuration(func(c *Config) *time.Duration { return &c.AgentTTL })},
+	{"instance_ttl_refresh", configDuration(func(c *Config) *time.Duration { return &c.TTLRefreshInterval })},
+	{"session_ttl", configDuration(func(c *Config) *time.Duration { return &c.SessionTTL })},
+	{"lock_delay", configDuration(func(c *Config) *time.Duration { return &c.LockDelay })},
 }
 
 var configTelemetryKeyList = []configSpec[TelemetryConfig]{

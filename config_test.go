@@ -82,12 +82,12 @@ func TestConfigDefaults(t *testing.T) {
 		Telemetry:                 TelemetryConfig{FilterDefault: true},
 		NodeHealthRefreshInterval: time.Hour,
 		PingTimeout:               5 * time.Second,
-		AgentTTL:                  30 * time.Second,
-		TTLRefreshInterval:        15 * time.Second,
+		AgentTTL:                  7 * time.Second,
+		TTLRefreshInterval:        1500 * time.Millisecond,
 		DeregisterAfter:           30 * time.Minute,
 		RetryInterval:             10 * time.Second,
-		SessionTTL:                15 * time.Second,
-		LockDelay:                 15 * time.Second,
+		SessionTTL:                10 * time.Second,
+		LockDelay:                 500 * time.Millisecond,
 		QueryWaitTime:             45 * time.Second,
 		KeeperInterval:            30 * time.Second,
 		ReapInterval:              30 * time.Second,
@@ -128,10 +128,7 @@ func configKeyCases() []configKeyCase {
 		{"log_rotate_max_files", `log_rotate_max_files = -1`, `"log_rotate_max_files": -1`, func(c *Config) { c.LogRotateMaxFiles = -1 }},
 		{"log_rotate_duration", `log_rotate_duration = "12h"`, `"log_rotate_duration": "12h"`, func(c *Config) { c.LogRotateDuration = 12 * time.Hour }},
 		{"enable_debug", `enable_debug = true`, `"enable_debug": true`, func(c *Config) { c.EnableDebug = true }},
-		{"enable_agentless", `enable_agentless = true`, `"enable_agentless": true`, func(c *Config) {
-			c.EnableAgentless = true
-			c.SessionTTL = 30 * time.Second
-		}},
+		{"enable_agentless", `enable_agentless = true`, `"enable_agentless": true`, func(c *Config) { c.EnableAgentless = true }},
 		{"instance_id", `instance_id = "esm-1"`, `"instance_id": "esm-1"`, func(c *Config) { c.InstanceID = "esm-1" }},
 		{"consul_service", `consul_service = "esm"`, `"consul_service": "esm"`, func(c *Config) { c.Service = "esm" }},
 		{"consul_service_tag", `consul_service_tag = "blue"`, `"consul_service_tag": "blue"`, func(c *Config) { c.Tag = "blue" }},
@@ -162,6 +159,10 @@ func configKeyCases() []configKeyCase {
 		{"passing_threshold", `passing_threshold = 3`, `"passing_threshold": 3`, func(c *Config) { c.PassingThreshold = 3 }},
 		{"critical_threshold", `critical_threshold = 2`, `"critical_threshold": 2`, func(c *Config) { c.CriticalThreshold = 2 }},
 		{"check_update_interval", `check_update_interval = "0s"`, `"check_update_interval": "0s"`, func(c *Config) { c.CheckUpdateInterval = 0 }},
+		{"instance_ttl", `instance_ttl = "20s"`, `"instance_ttl": "20s"`, func(c *Config) { c.AgentTTL = 20 * time.Second }},
+		{"instance_ttl_refresh", `instance_ttl_refresh = "2s"`, `"instance_ttl_refresh": "2s"`, func(c *Config) { c.TTLRefreshInterval = 2 * time.Second }},
+		{"session_ttl", `session_ttl = "15s"`, `"session_ttl": "15s"`, func(c *Config) { c.SessionTTL = 15 * time.Second }},
+		{"lock_delay", `lock_delay = "15s"`, `"lock_delay": "15s"`, func(c *Config) { c.LockDelay = 15 * time.Second }},
 		{"telemetry", "telemetry {\n}", `"telemetry": {}`, func(c *Config) { c.Telemetry = TelemetryConfig{FilterDefault: true} }},
 
 		// telemetry.<key>: each alone in a block; the rest of the block keeps its defaults.
@@ -513,6 +514,12 @@ func TestConfigValidation(t *testing.T) {
 		{"negative reconnect", `node_reconnect_timeout = "-1h"`, `node_reconnect_timeout cannot be negative`},
 		{"negative rotate", `log_rotate_duration = "-1s"`, `log_rotate_duration cannot be negative`},
 		{"negative check update", `check_update_interval = "-1s"`, `check_update_interval cannot be negative`},
+		{"ttl refresh too short", `instance_ttl_refresh = "10ms"`, `instance_ttl_refresh "10ms" must be at least 100ms`},
+		{"ttl under two refreshes", "instance_ttl = \"5s\"\ninstance_ttl_refresh = \"3s\"", `instance_ttl "5s" must be at least twice instance_ttl_refresh (3s)`},
+		{"session ttl too short", `session_ttl = "500ms"`, `session_ttl "500ms" must be between 1s and 24h0m0s`},
+		{"session ttl too long", `session_ttl = "25h"`, `session_ttl "25h0m0s" must be between 1s and 24h0m0s`},
+		{"negative lock delay", `lock_delay = "-1s"`, `lock_delay "-1s" must be between 0s and 1m0s`},
+		{"lock delay too long", `lock_delay = "61s"`, `lock_delay "1m1s" must be between 0s and 1m0s`},
 		{"negative retention", "telemetry {\n prometheus_retention_time = \"-1m\"\n}", `telemetry.prometheus_retention_time cannot be negative`},
 		{"client address no port", `client_address = "127.0.0.1"`,
 			`client_address "127.0.0.1" is not a valid host:port: address 127.0.0.1: missing port in address`},
@@ -685,13 +692,6 @@ func TestConfigEnableAgentlessEnv(t *testing.T) {
 			if c.EnableAgentless != tc.want {
 				t.Fatalf("EnableAgentless = %v, want %v", c.EnableAgentless, tc.want)
 			}
-			wantTTL := 15 * time.Second
-			if tc.want {
-				wantTTL = 30 * time.Second
-			}
-			if c.SessionTTL != wantTTL {
-				t.Fatalf("SessionTTL = %v, want %v", c.SessionTTL, wantTTL)
-			}
 		})
 	}
 
@@ -828,8 +828,8 @@ func TestConfigKeysList(t *testing.T) {
 			t.Errorf("missing %q", k)
 		}
 	}
-	if len(keys) != 38+1+22 {
-		t.Errorf("got %d keys, want %d (38 top-level + telemetry + 22 telemetry keys)", len(keys), 38+1+22)
+	if len(keys) != 42+1+22 {
+		t.Errorf("got %d keys, want %d (42 top-level + telemetry + 22 telemetry keys)", len(keys), 42+1+22)
 	}
 }
 

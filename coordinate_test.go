@@ -1004,27 +1004,14 @@ func TestNodeProbeBench(t *testing.T) {
 
 	names := make([]string, n)
 	var ops api.TxnOps
-	flush := func() {
-		if len(ops) == 0 {
-			return
-		}
-		ok, resp, _, err := srv.Client.Txn().Txn(ops, nil)
-		if err != nil || !ok {
-			t.Fatalf("registering nodes: %v %s", err, txnErrors(resp))
-		}
-		ops = ops[:0]
-	}
 	for i := range n {
 		names[i] = fmt.Sprintf("bench-%05d", i)
 		addr := fmt.Sprintf("127.0.%d.%d", i/250, i%250+1)
 		ops = append(ops, &api.TxnOp{Node: &api.NodeTxnOp{Verb: api.NodeSet, Node: api.Node{
 			Node: names[i], Address: addr, Meta: map[string]string{"external-node": "true", "external-probe": "true"},
 		}}})
-		if len(ops) == maxTxnOps {
-			flush()
-		}
 	}
-	flush()
+	txnInBatches(t, srv.Client, ops)
 
 	const hz = 100 // USER_HZ on Linux
 	self := strconv.Itoa(os.Getpid())

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"slices"
 	"sort"
-	"strings"
 	"sync"
 	"time"
 
@@ -17,9 +16,6 @@ import (
 // lockFlagValue marks <kv>leader as a lock key, the same magic value api.Lock uses, so ours and the
 // original's instances contend for one lock during a rolling upgrade.
 const lockFlagValue = 0x2ddccbc058a50c18
-
-// maxTxnOps is Consul's limit of operations per transaction.
-const maxTxnOps = 64
 
 // errLeadershipLost ends a leadership term.
 var errLeadershipLost = errors.New("leadership lost")
@@ -39,6 +35,12 @@ func (a *Agent) leaderLoop(ctx context.Context) {
 			if _, err := a.client.Session().Destroy(abandoned, a.writeOptions(ctx)); err == nil {
 				abandoned = ""
 			}
+		}
+		// A session made while our own TTL check is critical in the agent but not yet in the catalog
+		// (Consul just came back) dies at the next sync, after leading on a view in which the
+		// peers' checks are as stale as ours.
+		if !a.status.waitTTLCurrent(ctx) {
+			return
 		}
 		a.logger.Info("Trying to obtain leadership...")
 		sess, err := a.createLeaderSession(ctx)
@@ -132,9 +134,11 @@ func (a *Agent) leaderTerm(ctx context.Context, sess string) error {
 		a.status.leader.Store(false)
 		metrics.SetGauge([]string{"esm", "agent", "isLeader"}, 0)
 		metrics.SetGauge([]string{"esm", "agents", "healthy"}, 0)
+		a.reportOversize(nil)
 	}()
 
-	lost := make(chan error, 1)
+	// Both goroutines may report; two slots keep the second from blocking wg.Wait.
+	lost := make(chan error, 2)
 	wg.Add(2)
 	go func() {
 		defer wg.Done()
@@ -142,7 +146,9 @@ func (a *Agent) leaderTerm(ctx context.Context, sess string) error {
 	}()
 	go func() {
 		defer wg.Done()
-		a.leaderWork(termCtx)
+		if err := a.leaderWork(termCtx, sess); err != nil {
+			lost <- err
+		}
 	}()
 	select {
 	case <-ctx.Done():
@@ -291,149 +297,6 @@ func (a *Agent) releaseLeaderLock(ctx context.Context, sess string) bool {
 		return false
 	}
 	return true
-}
-
-// leaderWork keeps <kv>agents/ in line with the external nodes and the healthy instances until ctx
-// (the leadership term) ends.
-func (a *Agent) leaderWork(ctx context.Context) {
-	nodesCh := make(chan []externalNode, 1)
-	instCh := make(chan []string, 1)
-	var wg sync.WaitGroup
-	defer wg.Wait()
-	wg.Add(2)
-	go func() {
-		defer wg.Done()
-		a.watchExternalNodes(ctx, nodesCh)
-	}()
-	go func() {
-		defer wg.Done()
-		a.watchInstances(ctx, instCh)
-	}()
-
-	var (
-		nodes             []externalNode
-		insts             []string
-		haveNodes, haveIn bool
-		current           map[string]assignment
-		retry             <-chan time.Time
-	)
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case nodes = <-nodesCh:
-			haveNodes = true
-		case insts = <-instCh:
-			haveIn = true
-			metrics.SetGauge([]string{"esm", "agents", "healthy"}, float32(len(insts)))
-		case <-retry:
-			retry = nil
-		}
-		if !haveNodes || !haveIn {
-			continue
-		}
-		if current == nil {
-			cur, err := a.readAssignments(ctx)
-			if err != nil {
-				if ctx.Err() != nil {
-					return
-				}
-				a.logger.Error("Error reading assignments from KV store", "error", err)
-				retry = time.After(a.config().RetryInterval)
-				continue
-			}
-			current = cur
-		}
-		next, err := a.writeAssignments(ctx, nodes, insts, current)
-		if err != nil {
-			if ctx.Err() != nil {
-				return
-			}
-			a.logger.Error("Error writing state to KV store", "error", err)
-			current = nil // re-read: part of a multi-txn write may have landed
-			retry = time.After(a.config().RetryInterval)
-			continue
-		}
-		current = next
-	}
-}
-
-// readAssignments loads <kv>agents/* so a new leader starts from what its predecessor wrote.
-func (a *Agent) readAssignments(ctx context.Context) (map[string]assignment, error) {
-	prefix := a.kvPath() + "agents/"
-	pairs, _, err := a.client.KV().List(prefix, a.queryOptions(ctx))
-	if err != nil {
-		return nil, fmt.Errorf("listing %q: %w", prefix, err)
-	}
-	out := make(map[string]assignment, len(pairs))
-	for _, p := range pairs {
-		id := strings.TrimPrefix(p.Key, prefix)
-		if id == "" || strings.Contains(id, "/") {
-			continue
-		}
-		as, err := decodeAssignment(p.Value)
-		if err != nil {
-			a.logger.Warn("Ignoring undecodable assignment", "key", p.Key, "error", err)
-		}
-		out[id] = as
-	}
-	return out, nil
-}
-
-// writeAssignments writes only the keys whose content changes and deletes the keys of instances that
-// are gone, in transactions of at most 64 operations. It returns the new state.
-func (a *Agent) writeAssignments(ctx context.Context, nodes []externalNode, insts []string, current map[string]assignment) (map[string]assignment, error) {
-	desired := assign(nodes, insts, current)
-	prefix := a.kvPath() + "agents/"
-	var ops api.TxnOps
-	ids := make([]string, 0, len(desired))
-	for id := range desired {
-		ids = append(ids, id)
-	}
-	sort.Strings(ids)
-	for _, id := range ids {
-		if cur, ok := current[id]; ok && cur.equal(desired[id]) {
-			continue
-		}
-		ops = append(ops, &api.TxnOp{KV: &api.KVTxnOp{Verb: api.KVSet, Key: prefix + id, Value: desired[id].encode()}})
-	}
-	var gone []string
-	for id := range current {
-		if _, ok := desired[id]; !ok {
-			gone = append(gone, id)
-		}
-	}
-	sort.Strings(gone)
-	for _, id := range gone {
-		ops = append(ops, &api.TxnOp{KV: &api.KVTxnOp{Verb: api.KVDelete, Key: prefix + id}})
-	}
-	if len(ops) == 0 {
-		return current, nil
-	}
-	for chunk := range slices.Chunk(ops, maxTxnOps) {
-		ok, resp, _, err := a.client.Txn().Txn(chunk, a.queryOptions(ctx))
-		if err != nil {
-			a.status.failed(err)
-			return nil, err
-		}
-		if !ok {
-			return nil, fmt.Errorf("transaction rolled back: %s", txnErrors(resp))
-		}
-	}
-	a.status.contact()
-	a.logger.Info("Rebalanced external nodes across ESM instances", "nodes", len(nodes), "instances", len(desired))
-	return desired, nil
-}
-
-func txnErrors(resp *api.TxnResponse) string {
-	if resp == nil {
-		return "no response"
-	}
-	var parts []string
-	for _, e := range resp.Errors {
-		parts = append(parts, fmt.Sprintf("op %d: %s", e.OpIndex, e.What))
-	}
-	return strings.Join(parts, "; ")
 }
 
 // watchExternalNodes sends the external node list whenever it changes.

@@ -158,9 +158,13 @@ func (f *fakeEnterpriseConsul) serveTxn(w http.ResponseWriter, r *http.Request) 
 	var results []map[string]any
 	for _, op := range ops {
 		switch {
-		case op.KV != nil && op.KV.Verb == "set":
+		case op.KV != nil && (op.KV.Verb == "set" || op.KV.Verb == "cas"):
 			v, _ := base64.StdEncoding.DecodeString(op.KV.Value)
 			f.kv[op.KV.Key] = v
+			results = append(results, map[string]any{"KV": map[string]string{"Key": op.KV.Key}})
+		case op.KV != nil && (op.KV.Verb == "delete" || op.KV.Verb == "delete-cas"):
+			delete(f.kv, op.KV.Key)
+		case op.KV != nil: // check-session on the leader key: the fake's only session holds it
 			results = append(results, map[string]any{"KV": map[string]string{"Key": op.KV.Key}})
 		case op.Check != nil:
 			f.kv["check-write/"+op.Check.Check.Namespace+"/"+op.Check.Check.Partition] = []byte(op.Check.Check.Status)

@@ -114,28 +114,43 @@ func (a *Agent) registerService(ctx context.Context) error {
 }
 
 // keepRegistered refreshes the TTL check and restores the registration when it was lost (agent
-// restarted without its data, or an operator deregistered the service). While Consul is failing it
-// backs off and logs the problem once, not on every attempt.
+// restarted without its data, or an operator deregistered the service). A failed refresh is retried
+// at the refresh pace, not backed off, and at once when any other call succeeds again: the TTL keeps
+// running, and the first refresh after the agent is reachable must land before it expires, or the
+// leader takes this instance's nodes away (and gives them back a moment later, each move restarting
+// their checks). The failure streak is logged once.
 func (a *Agent) keepRegistered(ctx context.Context) {
 	if a.config().EnableAgentless {
 		a.keepRegisteredAgentless(ctx)
 		return
 	}
-	b := newBackoff(a.config().TTLRefreshInterval, a.config().RetryInterval)
 	failing := false
-	wait := a.config().TTLRefreshInterval
-	for sleepCtx(ctx, wait) {
-		err := a.refreshRegistration(ctx)
+	timer := time.NewTimer(a.config().TTLRefreshInterval)
+	defer timer.Stop()
+	var recovered chan struct{} // armed while failing
+	for {
+		early := false
+		select {
+		case <-ctx.Done():
+			return
+		case <-timer.C:
+		case <-recovered:
+			early = true
+		}
+		// A refresh hung on an unreachable agent must not hold back the next one.
+		rctx, cancel := context.WithTimeout(ctx, a.config().AgentTTL/2)
+		err := a.refreshRegistration(rctx)
+		cancel()
 		if ctx.Err() != nil {
 			return
 		}
+		a.status.setTTLCurrent(err == nil)
+		timer.Reset(a.config().TTLRefreshInterval)
 		if err == nil {
 			if failing {
 				a.logger.Info("Agent TTL check refreshed again")
 			}
-			failing = false
-			b.reset()
-			wait = a.config().TTLRefreshInterval
+			failing, recovered = false, nil
 			continue
 		}
 		a.status.failed(err)
@@ -143,7 +158,12 @@ func (a *Agent) keepRegistered(ctx context.Context) {
 			a.logger.Warn("Failed to refresh agent TTL check (will retry)", "error", err)
 		}
 		failing = true
-		wait = b.next()
+		// An early retry that failed waits for the timer: in a partial outage other calls keep
+		// succeeding, and each would otherwise trigger another attempt at once.
+		recovered = nil
+		if !early {
+			recovered = a.status.recovered
+		}
 	}
 }
 

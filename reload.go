@@ -35,24 +35,29 @@ var reloadableFields = map[string]string{
 
 // restartOnlyFields are Config field names that need a restart, with their file keys.
 var restartOnlyFields = map[string]string{
-	"LogJSON":                  "log_json",
-	"EnableSyslog":             "enable_syslog",
-	"SyslogFacility":           "syslog_facility",
-	"LogFile":                  "log_file",
-	"LogRotateBytes":           "log_rotate_bytes",
-	"LogRotateMaxFiles":        "log_rotate_max_files",
-	"LogRotateDuration":        "log_rotate_duration",
-	"EnableDebug":              "enable_debug",
-	"EnableAgentless":          "enable_agentless",
-	"InstanceID":               "instance_id",
-	"Service":                  "consul_service",
-	"Tag":                      "consul_service_tag",
-	"KVPath":                   "consul_kv_path",
-	"NodeMeta":                 "external_node_meta",
-	"Partition":                "partition",
-	"NodeReconnectTimeout":     "node_reconnect_timeout",
-	"NodeProbeInterval":        "node_probe_interval",
-	"BatchFlushInterval":       "batch_flush_interval",
+	"LogJSON":              "log_json",
+	"EnableSyslog":         "enable_syslog",
+	"SyslogFacility":       "syslog_facility",
+	"LogFile":              "log_file",
+	"LogRotateBytes":       "log_rotate_bytes",
+	"LogRotateMaxFiles":    "log_rotate_max_files",
+	"LogRotateDuration":    "log_rotate_duration",
+	"EnableDebug":          "enable_debug",
+	"EnableAgentless":      "enable_agentless",
+	"InstanceID":           "instance_id",
+	"Service":              "consul_service",
+	"Tag":                  "consul_service_tag",
+	"KVPath":               "consul_kv_path",
+	"NodeMeta":             "external_node_meta",
+	"Partition":            "partition",
+	"NodeReconnectTimeout": "node_reconnect_timeout",
+	"NodeProbeInterval":    "node_probe_interval",
+	"BatchFlushInterval":   "batch_flush_interval",
+	// The TTLs and the lock delay are part of the registration and of the sessions, made at start.
+	"AgentTTL":                 "instance_ttl",
+	"TTLRefreshInterval":       "instance_ttl_refresh",
+	"SessionTTL":               "session_ttl",
+	"LockDelay":                "lock_delay",
 	"HTTPAddr":                 "http_addr",
 	"Datacenter":               "datacenter",
 	"CAFile":                   "ca_file",
@@ -69,9 +74,8 @@ var restartOnlyFields = map[string]string{
 // notFromFiles are Config fields no file can set (load warnings and internal timings; tests shorten
 // the timings, and a reload must keep those).
 var notFromFiles = []string{
-	"Warnings", "NodeHealthRefreshInterval", "PingTimeout", "AgentTTL", "TTLRefreshInterval",
-	"DeregisterAfter", "RetryInterval", "SessionTTL", "LockDelay", "QueryWaitTime", "KeeperInterval",
-	"ReapInterval",
+	"Warnings", "NodeHealthRefreshInterval", "PingTimeout", "DeregisterAfter", "RetryInterval",
+	"QueryWaitTime", "KeeperInterval", "ReapInterval",
 }
 
 // reloadableTelemetryFields can change at runtime: go-metrics swaps its prefix filter atomically.

@@ -77,6 +77,8 @@ var esmMetrics = []metricDef{
 	{key: []string{"esm", "checks", "results"}, kind: counterMetric, help: "Health check runs by result.", labels: []metrics.Label{{Name: "status", Value: "critical"}}},
 	{key: []string{"esm", "checks", "latency"}, kind: summaryMetric, help: "Time in ms one health check probe took."},
 	{key: []string{"esm", "consul", "write_failures"}, kind: counterMetric, help: "Check status writes given up after Consul rejected or failed them (retried from the next result)."},
+	{key: []string{"esm", "agents", "assignment_oversize"}, kind: gaugeMetric, help: "Instances whose assignment the leader cannot write because it does not fit one Consul transaction (leader only)."},
+	{key: []string{"esm", "checks", "write_refused"}, kind: counterMetric, help: "Check status writes Consul refused as such (a check too large for txn_max_req_len); each is sent alone and retried from the next result."},
 	{key: []string{"esm", "probes", "monitored"}, kind: gaugeMetric, help: "Number of external nodes this instance pings."},
 	{key: []string{"esm", "probes", "reachable"}, kind: gaugeMetric, help: "Number of pinged external nodes that answered their last probe."},
 }
@@ -395,10 +397,17 @@ type healthReport struct {
 	ProbeNodes        int    `json:"probe_nodes"`
 	LastConsulContact string `json:"last_consul_contact"`
 	ConsulError       string `json:"consul_error"`
+	// WriteFailures and WritesRefused count check status writes given up since start (the
+	// esm.consul.write_failures and esm.checks.write_refused metrics).
+	WriteFailures   uint64 `json:"write_failures"`
+	WritesRefused   uint64 `json:"writes_refused"`
+	AssignmentError string `json:"assignment_error,omitempty"`
 }
 
-// health reports this instance's state and whether it is healthy: registered with Consul, a
-// successful Consul call within the staleness window, and no failed call since then.
+// health reports this instance's state and whether it is healthy: registered with Consul and a
+// successful Consul call within the staleness window. A failed call (one rejected write, one
+// timed-out query) shows in the body and in the metrics but does not make the instance unhealthy:
+// a liveness probe would restart an instance that is doing its job.
 func (a *Agent) health(now time.Time) (healthReport, bool) {
 	s := a.status
 	r := healthReport{Leader: s.leader.Load(), Registered: s.registered.Load()}
@@ -412,10 +421,14 @@ func (a *Agent) health(now time.Time) (healthReport, bool) {
 	if e := s.consulErr.Load(); e != nil {
 		r.ConsulError = *e
 	}
+	if e := s.assignmentErr.Load(); e != nil {
+		r.AssignmentError = *e
+	}
+	r.WriteFailures, r.WritesRefused = a.runner.writer.failures.Load(), a.runner.writer.refused.Load()
 	// Three missed TTL refreshes mean Consul has been unreachable for longer than a blip; the floor
 	// keeps short test intervals from flapping.
 	staleAfter := max(3*a.config().TTLRefreshInterval, healthMinStaleAfter)
-	healthy := r.Registered && !last.IsZero() && now.Sub(last) <= staleAfter && r.ConsulError == ""
+	healthy := r.Registered && !last.IsZero() && now.Sub(last) <= staleAfter
 	return r, healthy
 }
 

@@ -39,6 +39,20 @@ func httpGet(t testing.TB, url string, header ...string) (int, string) {
 	return resp.StatusCode, string(b)
 }
 
+// waitHTTPBase waits until ra's HTTP interface listens and returns its base URL.
+func waitHTTPBase(t testing.TB, ra *runningAgent) string {
+	t.Helper()
+	var base string
+	waitFor(t, 15*time.Second, func() error {
+		if addr := ra.telemetry.HTTPAddr(); addr != "" {
+			base = "http://" + addr
+			return nil
+		}
+		return errNotYet
+	})
+	return base
+}
+
 // TestTelemetryHTTPEndToEnd runs an agent against a real Consul with Prometheus and pprof enabled,
 // scrapes /metrics for the original's series, and watches /health go from 200 to 503 once Consul
 // is gone.
@@ -51,14 +65,7 @@ func TestTelemetryHTTPEndToEnd(t *testing.T) {
 	cfg.Telemetry.DisableHostname = true
 	ra := startAgent(t, cfg)
 
-	var base string
-	waitFor(t, 15*time.Second, func() error {
-		if addr := ra.telemetry.HTTPAddr(); addr != "" {
-			base = "http://" + addr
-			return nil
-		}
-		return errNotYet
-	})
+	base := waitHTTPBase(t, ra)
 
 	var report healthReport
 	waitFor(t, 15*time.Second, func() error {
@@ -182,8 +189,10 @@ func TestTelemetryHealthRules(t *testing.T) {
 	a.status.setRegistered(true)
 	check("registered and in contact", true)
 
+	// One failed call (a rejected write, a query that timed out) shows in the body only: a
+	// liveness probe must not restart an instance that still reaches Consul.
 	a.status.failed(fmt.Errorf("connection refused"))
-	check("error after the last contact", false)
+	check("error after the last contact", true)
 	if r, _ := a.health(now); r.ConsulError != "connection refused" {
 		t.Errorf("consul_error = %q", r.ConsulError)
 	}
@@ -251,16 +260,31 @@ func TestTelemetryMetricsWithoutPrometheus(t *testing.T) {
 }
 
 // gatherGauge returns the value and help of one gauge from the telemetry's registry.
-func gatherGauge(t *testing.T, tel *telemetry, name string) (float64, string, bool) {
+func gatherGauge(t testing.TB, tel *telemetry, name string) (float64, string, bool) {
+	t.Helper()
+	return gatherMetric(t, tel, name, dto.MetricType_GAUGE)
+}
+
+// gatherCounter returns the value and help of one counter from the telemetry's registry.
+func gatherCounter(t testing.TB, tel *telemetry, name string) (float64, string, bool) {
+	t.Helper()
+	return gatherMetric(t, tel, name, dto.MetricType_COUNTER)
+}
+
+func gatherMetric(t testing.TB, tel *telemetry, name string, typ dto.MetricType) (float64, string, bool) {
 	t.Helper()
 	mfs, err := tel.registry.Gather()
 	if err != nil {
 		t.Fatalf("gather: %v", err)
 	}
 	for _, mf := range mfs {
-		if mf.GetName() == name && mf.GetType() == dto.MetricType_GAUGE && len(mf.Metric) > 0 {
-			return mf.Metric[0].GetGauge().GetValue(), mf.GetHelp(), true
+		if mf.GetName() != name || mf.GetType() != typ || len(mf.Metric) == 0 {
+			continue
 		}
+		if typ == dto.MetricType_COUNTER {
+			return mf.Metric[0].GetCounter().GetValue(), mf.GetHelp(), true
+		}
+		return mf.Metric[0].GetGauge().GetValue(), mf.GetHelp(), true
 	}
 	return 0, "", false
 }
@@ -474,4 +498,42 @@ func TestTelemetryHTTPOpenFailure(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("runHTTP did not return after cancel")
 	}
+}
+
+// TestHealthIgnoresSingleFailedWrite: a check whose every write Consul refuses does not take
+// /health to 503 (a liveness probe would restart an instance doing its job); the body and the
+// metrics show the failures.
+func TestHealthIgnoresSingleFailedWrite(t *testing.T) {
+	srv := newTestConsul(t)
+	tg := crNewTarget(t)
+	big := crHTTPCheck("big", tg.URL+"/big", 200*time.Millisecond)
+	big.Definition.Body = strings.Repeat("x", 600<<10)
+	crRegister(t, srv.Client, "refused-node", "", big)
+	cfg := testConfig(srv)
+	cfg.ClientAddress = "127.0.0.1:0"
+	ra := startAgent(t, cfg)
+	base := waitHTTPBase(t, ra)
+
+	refusedSince := time.Time{}
+	waitFor(t, 15*time.Second, func() error {
+		code, body := httpGet(t, base+"/health")
+		var r healthReport
+		if err := json.Unmarshal([]byte(body), &r); err != nil {
+			return fmt.Errorf("%d %s: %w", code, body, err)
+		}
+		if r.WritesRefused == 0 {
+			return fmt.Errorf("no refused write yet: %d %s", code, body)
+		}
+		if refusedSince.IsZero() {
+			refusedSince = time.Now()
+		}
+		if code != http.StatusOK {
+			t.Fatalf("/health = %d after a refused write of one check: %s", code, body)
+		}
+		if r.WritesRefused < 5 || r.WriteFailures < r.WritesRefused {
+			return fmt.Errorf("refused %d, failures %d: waiting for more rounds", r.WritesRefused, r.WriteFailures)
+		}
+		return nil
+	})
+	t.Logf("/health stayed 200 for %s of refused writes", time.Since(refusedSince))
 }

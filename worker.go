@@ -12,9 +12,11 @@ func (a *Agent) assignmentKey() string { return a.kvPath() + "agents/" + a.servi
 
 // watchAssignment follows <kv>agents/<serviceID> and hands the node set to the check runner and the
 // probe set to the prober. A missing or empty key stops all work: a leader that removed this
-// instance's key has given its nodes to someone else.
+// instance's key has given its nodes to someone else. A malformed value is not an assignment: the
+// last valid one stays in force (the leader rewrites the key within one watch round) and each
+// distinct bad value is logged once.
 func (a *Agent) watchAssignment(ctx context.Context) {
-	var last []byte
+	var last, bad []byte
 	applied := false
 	blockingWatch(ctx, a, "Error querying for node watch list", func(q *api.QueryOptions) (uint64, error) {
 		pair, meta, err := a.client.KV().Get(a.assignmentKey(), q)
@@ -30,10 +32,13 @@ func (a *Agent) watchAssignment(ctx context.Context) {
 		}
 		as, err := decodeAssignment(value)
 		if err != nil {
-			a.logger.Error("Error deserializing node list, skipping update", "error", err)
+			if bad == nil || !bytes.Equal(value, bad) {
+				a.logger.Error("Error deserializing node list, skipping update", "error", err)
+				bad = value
+			}
 			return meta.LastIndex, nil
 		}
-		last, applied = value, true
+		last, bad, applied = value, nil, true
 		a.runner.SetNodes(as.all())
 		a.prober.SetNodes(as.Probes)
 		return meta.LastIndex, nil
