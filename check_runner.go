@@ -61,6 +61,7 @@ type runnerSettings struct {
 	passingThreshold    int
 	criticalThreshold   int
 	checkUpdateInterval time.Duration
+	tlsExpiryWarning    time.Duration // 0: a certificate's expiry never changes a status
 }
 
 func settingsFrom(cfg *Config) *runnerSettings {
@@ -68,6 +69,7 @@ func settingsFrom(cfg *Config) *runnerSettings {
 		passingThreshold:    cfg.PassingThreshold,
 		criticalThreshold:   cfg.CriticalThreshold,
 		checkUpdateInterval: cfg.CheckUpdateInterval,
+		tlsExpiryWarning:    cfg.TLSExpiryWarning,
 	}
 }
 
@@ -150,6 +152,11 @@ type checkTask struct {
 	interval time.Duration
 	ctx      context.Context
 	cancel   context.CancelFunc
+
+	// certExpiry is the Unix time at which the certificate of the last run that completed a TLS
+	// handshake expires (0: none yet). It is per incarnation, so a definition that drops TLS drops
+	// its expiry series; the telemetry collector reads it at scrape time.
+	certExpiry atomic.Int64
 
 	// guarded by checkScheduler.mu
 	next    time.Time
@@ -765,10 +772,14 @@ var (
 // runTask runs one probe on a worker and hands the result on.
 func (r *CheckRunner) runTask(t *checkTask) {
 	start := time.Now()
-	status, output := t.probe(t.ctx)
+	status, output, certExpiry := t.probe(t.ctx)
 	elapsed := time.Since(start)
 	if t.ctx.Err() == nil { // a stopped check's last result is dropped
 		r.runs.Add(1)
+		if !certExpiry.IsZero() {
+			t.certExpiry.Store(certExpiry.Unix())
+			status, output = certExpiryVerdict(status, output, certExpiry, start, r.settings.Load().tlsExpiryWarning)
+		}
 		if l, ok := resultLabels[status]; ok {
 			metrics.IncrCounterWithLabels(resultsKey, 1, l)
 		}
@@ -776,6 +787,22 @@ func (r *CheckRunner) runTask(t *checkTask) {
 		r.handleResult(t, status, output)
 	}
 	r.sched.finished(t)
+}
+
+// certExpiryVerdict turns a passing result into a warning while the run's certificate expires within
+// window (tls_expiry_warning; 0 disables it), with an output that names the expiry date first. The
+// output carries the date, not the time left, so it does not change from run to run. Warning and
+// critical results stand: they already say more than the certificate would.
+func certExpiryVerdict(status, output string, expiry, now time.Time, window time.Duration) (string, string) {
+	if window <= 0 || status != statusPassing || expiry.Sub(now) > window {
+		return status, output
+	}
+	verb := "expires"
+	if !expiry.After(now) {
+		verb = "expired"
+	}
+	out := fmt.Sprintf("TLS certificate %s %s (tls_expiry_warning %s). %s", verb, expiry.UTC().Format(time.RFC3339), window, output)
+	return statusWarning, truncateOutput(out, defaultOutputMaxSize)
 }
 
 // thresholdStep applies one result to the anti-flapping counter, with the README's semantics: a

@@ -36,7 +36,8 @@ func runWith(t *testing.T, p *prober, d *checkDefinition, timeout time.Duration)
 	if err != nil {
 		t.Fatalf("newProbe: %v", err)
 	}
-	return probe(context.Background())
+	status, out, _ := probe(context.Background())
+	return status, out
 }
 
 // closedTCPAddr returns a loopback address nothing listens on.
@@ -282,7 +283,7 @@ func TestProbeHTTPLargeBodyBounded(t *testing.T) {
 	}
 	var before, after runtime.MemStats
 	runtime.ReadMemStats(&before)
-	status, out := probe(context.Background())
+	status, out, _ := probe(context.Background())
 	runtime.ReadMemStats(&after)
 	prefix := fmt.Sprintf("HTTP GET %s: 200 OK Output: ", srv.URL)
 	if status != statusPassing || !strings.HasPrefix(out, prefix) || len(out)-len(prefix) != defaultOutputMaxSize {
@@ -326,7 +327,7 @@ func TestProbeHTTPTimeout(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	start = time.Now()
-	if status, out := probe(ctx); status != statusCritical || time.Since(start) > timeout+2*time.Second {
+	if status, out, _ := probe(ctx); status != statusCritical || time.Since(start) > timeout+2*time.Second {
 		t.Fatalf("context not honoured: (%q, %q) after %v", status, out, time.Since(start))
 	}
 }
@@ -376,11 +377,11 @@ func TestProbeSetTLSReloadsExistingProbes(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if status, _ := probe(context.Background()); status != statusCritical {
+	if status, _, _ := probe(context.Background()); status != statusCritical {
 		t.Fatalf("untrusted server: %q", status)
 	}
 	p.setTLS(&tls.Config{RootCAs: pool})
-	if status, out := probe(context.Background()); status != statusPassing {
+	if status, out, _ := probe(context.Background()); status != statusPassing {
 		t.Fatalf("after setTLS: (%q, %q)", status, out)
 	}
 
@@ -391,7 +392,7 @@ func TestProbeSetTLSReloadsExistingProbes(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			for j := 0; j < 5; j++ {
-				probe(context.Background())
+				_, _, _ = probe(context.Background())
 			}
 		}()
 	}
@@ -399,7 +400,7 @@ func TestProbeSetTLSReloadsExistingProbes(t *testing.T) {
 		p.setTLS(&tls.Config{RootCAs: pool})
 	}
 	wg.Wait()
-	if status, out := probe(context.Background()); status != statusPassing {
+	if status, out, _ := probe(context.Background()); status != statusPassing {
 		t.Fatalf("after concurrent reloads: (%q, %q)", status, out)
 	}
 }
@@ -539,7 +540,14 @@ func testCert(t *testing.T) tls.Certificate {
 
 func grpcHealthServer(t *testing.T, opts ...grpc.ServerOption) string {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+	return grpcHealthServerAt(t, "127.0.0.1:0", opts...)
+}
+
+// grpcHealthServerAt serves grpc.health.v1 on addr (services "" and "up" serving, "down" not) and
+// returns the address it listens on.
+func grpcHealthServerAt(t *testing.T, addr string, opts ...grpc.ServerOption) string {
+	t.Helper()
+	l, err := net.Listen("tcp", addr)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -75,6 +75,10 @@ type Config struct {
 	// default 5m; 0 writes every output change).
 	CheckUpdateInterval time.Duration
 
+	// TLSExpiryWarning turns a passing check whose TLS certificate expires within this window into
+	// warning (key tls_expiry_warning, default 0: off).
+	TLSExpiryWarning time.Duration
+
 	Telemetry TelemetryConfig
 
 	// Warnings collects non-fatal problems found while loading (for example ignored prefix_filter
@@ -286,6 +290,10 @@ func (c *Config) Validate() error {
 		if d.val < 0 {
 			return fail("%s cannot be negative", d.key)
 		}
+	}
+	if c.TLSExpiryWarning < 0 {
+		return fail("tls_expiry_warning %q cannot be negative: it is how long before a certificate expires its checks turn warning (0 turns this off)",
+			c.TLSExpiryWarning.String())
 	}
 	if c.ClientAddress != "" {
 		if err := configCheckHostPort(c.ClientAddress); err != nil {
@@ -791,6 +799,7 @@ var configRootKeyList = []configSpec[Config]{
 	{"passing_threshold", configInt(func(c *Config) *int { return &c.PassingThreshold })},
 	{"critical_threshold", configInt(func(c *Config) *int { return &c.CriticalThreshold })},
 	{"check_update_interval", configDuration(func(c *Config) *time.Duration { return &c.CheckUpdateInterval })},
+	{"tls_expiry_warning", configDuration(func(c *Config) *time.Duration { return &c.TLSExpiryWarning })},
 }
 
 var configTelemetryKeyList = []configSpec[TelemetryConfig]{

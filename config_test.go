@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"math/big"
+	"net"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -162,6 +163,7 @@ func configKeyCases() []configKeyCase {
 		{"passing_threshold", `passing_threshold = 3`, `"passing_threshold": 3`, func(c *Config) { c.PassingThreshold = 3 }},
 		{"critical_threshold", `critical_threshold = 2`, `"critical_threshold": 2`, func(c *Config) { c.CriticalThreshold = 2 }},
 		{"check_update_interval", `check_update_interval = "0s"`, `"check_update_interval": "0s"`, func(c *Config) { c.CheckUpdateInterval = 0 }},
+		{"tls_expiry_warning", `tls_expiry_warning = "336h"`, `"tls_expiry_warning": "336h"`, func(c *Config) { c.TLSExpiryWarning = 336 * time.Hour }},
 		{"telemetry", "telemetry {\n}", `"telemetry": {}`, func(c *Config) { c.Telemetry = TelemetryConfig{FilterDefault: true} }},
 
 		// telemetry.<key>: each alone in a block; the rest of the block keeps its defaults.
@@ -419,6 +421,8 @@ func TestConfigLoadErrors(t *testing.T) {
 			`node_probe_interval: invalid duration: "10": time: missing unit in duration "10"`},
 		{"int-dur.hcl", "check_update_interval = 10\n",
 			`check_update_interval: invalid duration: "10": time: missing unit in duration "10"`},
+		{"bad-tls-expiry.hcl", "tls_expiry_warning = \"2 weeks\"\n",
+			`tls_expiry_warning: invalid duration: "2 weeks": time: unknown unit " weeks" in duration "2 weeks"`},
 		{"bad-dur2.hcl", "batch_flush_interval = \"1 second\"\n",
 			`batch_flush_interval: invalid duration: "1 second": time: unknown unit " second" in duration "1 second"`},
 		{"bad-retention.hcl", "telemetry {\n  prometheus_retention_time = \"1x\"\n}\n",
@@ -513,6 +517,8 @@ func TestConfigValidation(t *testing.T) {
 		{"negative reconnect", `node_reconnect_timeout = "-1h"`, `node_reconnect_timeout cannot be negative`},
 		{"negative rotate", `log_rotate_duration = "-1s"`, `log_rotate_duration cannot be negative`},
 		{"negative check update", `check_update_interval = "-1s"`, `check_update_interval cannot be negative`},
+		{"negative tls expiry warning", `tls_expiry_warning = "-1h"`,
+			`tls_expiry_warning "-1h0m0s" cannot be negative: it is how long before a certificate expires its checks turn warning (0 turns this off)`},
 		{"negative retention", "telemetry {\n prometheus_retention_time = \"-1m\"\n}", `telemetry.prometheus_retention_time cannot be negative`},
 		{"client address no port", `client_address = "127.0.0.1"`,
 			`client_address "127.0.0.1" is not a valid host:port: address 127.0.0.1: missing port in address`},
@@ -828,13 +834,23 @@ func TestConfigKeysList(t *testing.T) {
 			t.Errorf("missing %q", k)
 		}
 	}
-	if len(keys) != 38+1+22 {
-		t.Errorf("got %d keys, want %d (38 top-level + telemetry + 22 telemetry keys)", len(keys), 38+1+22)
+	if len(keys) != 39+1+22 {
+		t.Errorf("got %d keys, want %d (39 top-level + telemetry + 22 telemetry keys)", len(keys), 39+1+22)
 	}
 }
 
 // writeTestCert writes a self-signed CA-capable certificate and its key as PEM files.
 func writeTestCert(t *testing.T, dir, name string) (certPath, keyPath string) {
+	t.Helper()
+	certPEM, keyPEM := newTestCertPEM(t, name, time.Now().Add(time.Hour))
+	certPath = writeConfigFile(t, dir, name+".pem", string(certPEM))
+	keyPath = writeConfigFile(t, dir, name+"-key.pem", string(keyPEM))
+	return certPath, keyPath
+}
+
+// newTestCertPEM makes a self-signed CA-capable certificate for the loopback addresses (127.0.0.1,
+// ::1, localhost) that expires at notAfter, and its key, PEM-encoded.
+func newTestCertPEM(t *testing.T, name string, notAfter time.Time) (certPEM, keyPEM []byte) {
 	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
@@ -843,12 +859,14 @@ func writeTestCert(t *testing.T, dir, name string) (certPath, keyPath string) {
 	tmpl := &x509.Certificate{
 		SerialNumber:          big.NewInt(1),
 		Subject:               pkix.Name{CommonName: name},
-		NotBefore:             time.Now().Add(-time.Hour),
-		NotAfter:              time.Now().Add(time.Hour),
+		NotBefore:             notAfter.Add(-365 * 24 * time.Hour),
+		NotAfter:              notAfter,
 		IsCA:                  true,
 		BasicConstraintsValid: true,
 		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature,
 		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth, x509.ExtKeyUsageServerAuth},
+		IPAddresses:           []net.IP{net.IPv4(127, 0, 0, 1), net.IPv6loopback},
+		DNSNames:              []string{"localhost"},
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
 	if err != nil {
@@ -858,9 +876,8 @@ func writeTestCert(t *testing.T, dir, name string) (certPath, keyPath string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	certPath = writeConfigFile(t, dir, name+".pem", string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})))
-	keyPath = writeConfigFile(t, dir, name+"-key.pem", string(pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER})))
-	return certPath, keyPath
+	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}),
+		pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER})
 }
 
 func TestConfigHTTPSTLSConfig(t *testing.T) {

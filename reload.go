@@ -27,6 +27,7 @@ var reloadableFields = map[string]string{
 	"PassingThreshold":    "passing_threshold",
 	"CriticalThreshold":   "critical_threshold",
 	"CheckUpdateInterval": "check_update_interval",
+	"TLSExpiryWarning":    "tls_expiry_warning",
 	"HTTPSCAFile":         "https_ca_file",
 	"HTTPSCAPath":         "https_ca_path",
 	"HTTPSCertFile":       "https_cert_file",
@@ -138,6 +139,7 @@ func planReload(running, loaded *Config) (*reloadPlan, error) {
 	next.PassingThreshold = loaded.PassingThreshold
 	next.CriticalThreshold = loaded.CriticalThreshold
 	next.CheckUpdateInterval = loaded.CheckUpdateInterval
+	next.TLSExpiryWarning = loaded.TLSExpiryWarning
 	next.HTTPSCAFile, next.HTTPSCAPath = loaded.HTTPSCAFile, loaded.HTTPSCAPath
 	next.HTTPSCertFile, next.HTTPSKeyFile = loaded.HTTPSCertFile, loaded.HTTPSKeyFile
 	next.Telemetry.PrefixFilter = loaded.Telemetry.PrefixFilter
