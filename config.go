@@ -47,6 +47,7 @@ type Config struct {
 
 	NodeReconnectTimeout time.Duration
 	NodeProbeInterval    time.Duration
+	NodeProbePort        int // 0: ICMP; else a TCP connect to this port (node meta external-probe-port wins)
 	BatchFlushInterval   time.Duration
 
 	HTTPAddr      string
@@ -271,6 +272,9 @@ func (c *Config) Validate() error {
 	}
 	if c.NodeProbeInterval < time.Second {
 		return fail("node_probe_interval cannot be lower than 1 second")
+	}
+	if c.NodeProbePort < 0 || c.NodeProbePort > 65535 {
+		return fail("node_probe_port %d is not a valid port: must be between 1 and 65535, or 0 to ping with ICMP", c.NodeProbePort)
 	}
 	if c.PassingThreshold < 0 {
 		return fail("passing_threshold cannot be negative")
@@ -779,6 +783,7 @@ var configRootKeyList = []configSpec[Config]{
 	{"partition", configStr(func(c *Config) *string { return &c.Partition })},
 	{"node_reconnect_timeout", configDuration(func(c *Config) *time.Duration { return &c.NodeReconnectTimeout })},
 	{"node_probe_interval", configDuration(func(c *Config) *time.Duration { return &c.NodeProbeInterval })},
+	{"node_probe_port", configInt(func(c *Config) *int { return &c.NodeProbePort })},
 	{"batch_flush_interval", configDuration(func(c *Config) *time.Duration { return &c.BatchFlushInterval })},
 	{"http_addr", configStr(func(c *Config) *string { return &c.HTTPAddr })},
 	{"token", configStr(func(c *Config) *string { return &c.Token })},

@@ -143,6 +143,7 @@ func configKeyCases() []configKeyCase {
 		{"partition", `partition = "part1"`, `"partition": "part1"`, func(c *Config) { c.Partition = "part1" }},
 		{"node_reconnect_timeout", `node_reconnect_timeout = "8h"`, `"node_reconnect_timeout": "8h"`, func(c *Config) { c.NodeReconnectTimeout = 8 * time.Hour }},
 		{"node_probe_interval", `node_probe_interval = "2s"`, `"node_probe_interval": "2s"`, func(c *Config) { c.NodeProbeInterval = 2 * time.Second }},
+		{"node_probe_port", `node_probe_port = 443`, `"node_probe_port": 443`, func(c *Config) { c.NodeProbePort = 443 }},
 		{"batch_flush_interval", `batch_flush_interval = "0s"`, `"batch_flush_interval": "0s"`, func(c *Config) { c.BatchFlushInterval = 0 }},
 		{"http_addr", `http_addr = "https://127.0.0.1:8501"`, `"http_addr": "https://127.0.0.1:8501"`, func(c *Config) { c.HTTPAddr = "https://127.0.0.1:8501" }},
 		{"token", `token = "secret"`, `"token": "secret"`, func(c *Config) { c.Token = "secret" }},
@@ -505,6 +506,10 @@ func TestConfigValidation(t *testing.T) {
 		{"ping type case", `ping_type = "UDP"`, `ping_type must be one of either "udp" or "socket"`},
 		{"probe interval", `node_probe_interval = "999ms"`, `node_probe_interval cannot be lower than 1 second`},
 		{"probe interval negative", `node_probe_interval = "-5s"`, `node_probe_interval cannot be lower than 1 second`},
+		{"probe port negative", `node_probe_port = -1`,
+			`node_probe_port -1 is not a valid port: must be between 1 and 65535, or 0 to ping with ICMP`},
+		{"probe port range", `node_probe_port = 65536`,
+			`node_probe_port 65536 is not a valid port: must be between 1 and 65535, or 0 to ping with ICMP`},
 		{"passing threshold", `passing_threshold = -1`, `passing_threshold cannot be negative`},
 		{"critical threshold", `critical_threshold = -2`, `critical_threshold cannot be negative`},
 		{"log level", `log_level = "verbose"`,
@@ -834,8 +839,8 @@ func TestConfigKeysList(t *testing.T) {
 			t.Errorf("missing %q", k)
 		}
 	}
-	if len(keys) != 39+1+22 {
-		t.Errorf("got %d keys, want %d (39 top-level + telemetry + 22 telemetry keys)", len(keys), 39+1+22)
+	if len(keys) != 40+1+22 {
+		t.Errorf("got %d keys, want %d (40 top-level + telemetry + 22 telemetry keys)", len(keys), 40+1+22)
 	}
 }
 

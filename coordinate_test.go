@@ -219,6 +219,21 @@ func nodeExists(t *testing.T, c *api.Client, node string) bool {
 	return cn != nil && cn.Node != nil
 }
 
+// waitCoordinate waits until Consul holds a valid network coordinate for node.
+func waitCoordinate(t *testing.T, c *api.Client, node string) {
+	t.Helper()
+	waitFor(t, 15*time.Second, func() error {
+		entries, _, err := c.Coordinate().Node(node, nil)
+		if err != nil {
+			return err
+		}
+		if len(entries) == 0 || entries[0].Coord == nil || !entries[0].Coord.IsValid() {
+			return fmt.Errorf("no coordinate for %s yet", node)
+		}
+		return nil
+	})
+}
+
 // icmpPingType returns a ping_type that works on this machine, or skips the test saying why none
 // does.
 func icmpPingType(t *testing.T) string {
@@ -250,16 +265,7 @@ func TestNodeProbeRealPing(t *testing.T) {
 	registerExternalNode(t, srv.Client, "ext-real", true)
 
 	waitNodeCheck(t, srv.Client, "ext-real", api.HealthPassing)
-	waitFor(t, 15*time.Second, func() error {
-		entries, _, err := srv.Client.Coordinate().Node("ext-real", nil)
-		if err != nil {
-			return err
-		}
-		if len(entries) == 0 || entries[0].Coord == nil || !entries[0].Coord.IsValid() {
-			return errors.New("no coordinate for ext-real yet")
-		}
-		return nil
-	})
+	waitCoordinate(t, srv.Client, "ext-real")
 	if n, up := ra.prober.Stats(); n != 1 || up != 1 {
 		t.Fatalf("Stats() = %d nodes, %d reachable; want 1, 1", n, up)
 	}

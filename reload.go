@@ -28,6 +28,7 @@ var reloadableFields = map[string]string{
 	"CriticalThreshold":   "critical_threshold",
 	"CheckUpdateInterval": "check_update_interval",
 	"TLSExpiryWarning":    "tls_expiry_warning",
+	"NodeProbePort":       "node_probe_port",
 	"HTTPSCAFile":         "https_ca_file",
 	"HTTPSCAPath":         "https_ca_path",
 	"HTTPSCertFile":       "https_cert_file",
@@ -140,6 +141,7 @@ func planReload(running, loaded *Config) (*reloadPlan, error) {
 	next.CriticalThreshold = loaded.CriticalThreshold
 	next.CheckUpdateInterval = loaded.CheckUpdateInterval
 	next.TLSExpiryWarning = loaded.TLSExpiryWarning
+	next.NodeProbePort = loaded.NodeProbePort
 	next.HTTPSCAFile, next.HTTPSCAPath = loaded.HTTPSCAFile, loaded.HTTPSCAPath
 	next.HTTPSCertFile, next.HTTPSKeyFile = loaded.HTTPSCertFile, loaded.HTTPSKeyFile
 	next.Telemetry.PrefixFilter = loaded.Telemetry.PrefixFilter
