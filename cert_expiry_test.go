@@ -212,10 +212,7 @@ func TestCheckRunnerTLSExpiry(t *testing.T) {
 		c.Telemetry.PrometheusRetentionTime = time.Minute
 		c.Telemetry.DisableHostname = true
 	}, nil)
-	def := func(d checkDefinition) checkDefinition {
-		d.Interval, d.Timeout = durationField(200*time.Millisecond), durationField(time.Second)
-		return d
-	}
+	def := func(d checkDefinition) checkDefinition { return withTiming(d, 200*time.Millisecond, time.Second) }
 	defs := tlsDefinitions(target, "")
 	crRegister(t, srv.Client, "tls-node", "web", catalogRegisterCheck{CheckID: "web-https", Status: statusCritical, Definition: def(defs["https"])})
 	crRegister(t, srv.Client, "tls-node", "web", catalogRegisterCheck{CheckID: "web-tcp-tls", Status: statusCritical, Definition: def(defs["tcp+tls"])})

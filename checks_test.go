@@ -43,7 +43,13 @@ func runWith(t *testing.T, p *prober, d *checkDefinition, timeout time.Duration)
 // closedTCPAddr returns a loopback address nothing listens on.
 func closedTCPAddr(t *testing.T) string {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+	return closedTCPAddrAt(t, "127.0.0.1")
+}
+
+// closedTCPAddrAt is a TCP host:port on host (a loopback address) nothing listens on.
+func closedTCPAddrAt(t *testing.T, host string) string {
+	t.Helper()
+	l, err := net.Listen("tcp", net.JoinHostPort(host, "0"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -54,7 +60,13 @@ func closedTCPAddr(t *testing.T) string {
 
 func closedUDPAddr(t *testing.T) string {
 	t.Helper()
-	c, err := net.ListenPacket("udp", "127.0.0.1:0")
+	return closedUDPAddrAt(t, "127.0.0.1")
+}
+
+// closedUDPAddrAt is a UDP host:port on host (a loopback address) nothing listens on.
+func closedUDPAddrAt(t *testing.T, host string) string {
+	t.Helper()
+	c, err := net.ListenPacket("udp", net.JoinHostPort(host, "0"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -468,7 +480,13 @@ func TestProbeTCPTLS(t *testing.T) {
 // udpServer answers (or, when silent, swallows) datagrams and reports each payload length.
 func udpServer(t *testing.T, silent bool) (string, <-chan int) {
 	t.Helper()
-	c, err := net.ListenPacket("udp", "127.0.0.1:0")
+	return udpServerAt(t, "127.0.0.1", silent)
+}
+
+// udpServerAt is udpServer on host (a loopback address).
+func udpServerAt(t *testing.T, host string, silent bool) (string, <-chan int) {
+	t.Helper()
+	c, err := net.ListenPacket("udp", net.JoinHostPort(host, "0"))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -238,12 +238,19 @@ func waitCoordinate(t *testing.T, c *api.Client, node string) {
 // does.
 func icmpPingType(t *testing.T) string {
 	t.Helper()
-	c, udpErr := icmp.ListenPacket("udp4", "127.0.0.1")
+	return icmpPingTypeAt(t, "udp4", "ip4:icmp", "127.0.0.1")
+}
+
+// icmpPingTypeAt is icmpPingType for one address family: the unprivileged and raw ICMP networks
+// to try on the loopback address addr.
+func icmpPingTypeAt(t *testing.T, udpNet, rawNet, addr string) string {
+	t.Helper()
+	c, udpErr := icmp.ListenPacket(udpNet, addr)
 	if udpErr == nil {
 		c.Close()
 		return "udp"
 	}
-	c, rawErr := icmp.ListenPacket("ip4:icmp", "127.0.0.1")
+	c, rawErr := icmp.ListenPacket(rawNet, addr)
 	if rawErr == nil {
 		c.Close()
 		return "socket"
