@@ -62,6 +62,7 @@ type runnerSettings struct {
 	criticalThreshold   int
 	checkUpdateInterval time.Duration
 	tlsExpiryWarning    time.Duration // 0: a certificate's expiry never changes a status
+	perCheckMetrics     bool          // telemetry.per_check_metrics: record each run for /metrics
 }
 
 func settingsFrom(cfg *Config) *runnerSettings {
@@ -70,6 +71,7 @@ func settingsFrom(cfg *Config) *runnerSettings {
 		criticalThreshold:   cfg.CriticalThreshold,
 		checkUpdateInterval: cfg.CheckUpdateInterval,
 		tlsExpiryWarning:    cfg.TLSExpiryWarning,
+		perCheckMetrics:     cfg.Telemetry.PerCheckMetrics,
 	}
 }
 
@@ -157,6 +159,10 @@ type checkTask struct {
 	// handshake expires (0: none yet). It is per incarnation, so a definition that drops TLS drops
 	// its expiry series; the telemetry collector reads it at scrape time.
 	certExpiry atomic.Int64
+	// lastLatency (ns) and lastStatus (statusCode) describe the last run; written only with
+	// telemetry.per_check_metrics, read by the telemetry collector.
+	lastLatency atomic.Int64
+	lastStatus  atomic.Int32
 
 	// guarded by checkScheduler.mu
 	next    time.Time
@@ -776,9 +782,14 @@ func (r *CheckRunner) runTask(t *checkTask) {
 	elapsed := time.Since(start)
 	if t.ctx.Err() == nil { // a stopped check's last result is dropped
 		r.runs.Add(1)
+		set := r.settings.Load()
 		if !certExpiry.IsZero() {
 			t.certExpiry.Store(certExpiry.Unix())
-			status, output = certExpiryVerdict(status, output, certExpiry, start, r.settings.Load().tlsExpiryWarning)
+			status, output = certExpiryVerdict(status, output, certExpiry, start, set.tlsExpiryWarning)
+		}
+		if set.perCheckMetrics {
+			t.lastLatency.Store(int64(elapsed))
+			t.lastStatus.Store(statusCode(status))
 		}
 		if l, ok := resultLabels[status]; ok {
 			metrics.IncrCounterWithLabels(resultsKey, 1, l)

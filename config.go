@@ -124,6 +124,7 @@ type TelemetryConfig struct {
 	AllowedPrefixes                    []string
 	BlockedPrefixes                    []string
 	MetricsPrefix                      string
+	PerCheckMetrics                    bool
 	PrometheusRetentionTime            time.Duration
 	StatsdAddr                         string
 	StatsiteAddr                       string
@@ -827,6 +828,7 @@ var configTelemetryKeyList = []configSpec[TelemetryConfig]{
 	{"filter_default", configBool(func(t *TelemetryConfig) *bool { return &t.FilterDefault })},
 	{"prefix_filter", configStrings(func(t *TelemetryConfig) *[]string { return &t.PrefixFilter })},
 	{"metrics_prefix", configStr(func(t *TelemetryConfig) *string { return &t.MetricsPrefix })},
+	{"per_check_metrics", configBool(func(t *TelemetryConfig) *bool { return &t.PerCheckMetrics })},
 	{"prometheus_retention_time", configDuration(func(t *TelemetryConfig) *time.Duration { return &t.PrometheusRetentionTime })},
 	{"statsd_address", configStr(func(t *TelemetryConfig) *string { return &t.StatsdAddr })},
 	{"statsite_address", configStr(func(t *TelemetryConfig) *string { return &t.StatsiteAddr })},

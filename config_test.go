@@ -191,6 +191,7 @@ func configKeyCases() []configKeyCase {
 			t.BlockedPrefixes = []string{"esm.agent"}
 		}),
 		telemetryKeyCase("metrics_prefix", `"myesm"`, func(t *TelemetryConfig) { t.MetricsPrefix = "myesm" }),
+		telemetryKeyCase("per_check_metrics", `true`, func(t *TelemetryConfig) { t.PerCheckMetrics = true }),
 		telemetryKeyCase("prometheus_retention_time", `"1m"`, func(t *TelemetryConfig) { t.PrometheusRetentionTime = time.Minute }),
 		telemetryKeyCase("statsd_address", `"127.0.0.1:8126"`, func(t *TelemetryConfig) { t.StatsdAddr = "127.0.0.1:8126" }),
 		telemetryKeyCase("statsite_address", `"127.0.0.1:8127"`, func(t *TelemetryConfig) { t.StatsiteAddr = "127.0.0.1:8127" }),
@@ -839,8 +840,8 @@ func TestConfigKeysList(t *testing.T) {
 			t.Errorf("missing %q", k)
 		}
 	}
-	if len(keys) != 40+1+22 {
-		t.Errorf("got %d keys, want %d (40 top-level + telemetry + 22 telemetry keys)", len(keys), 40+1+22)
+	if len(keys) != 40+1+23 {
+		t.Errorf("got %d keys, want %d (40 top-level + telemetry + 23 telemetry keys)", len(keys), 40+1+23)
 	}
 }
 

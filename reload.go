@@ -76,9 +76,11 @@ var notFromFiles = []string{
 	"ReapInterval",
 }
 
-// reloadableTelemetryFields can change at runtime: go-metrics swaps its prefix filter atomically.
-// Every other telemetry key builds sinks and needs a restart.
+// reloadableTelemetryFields can change at runtime: go-metrics swaps its prefix filter atomically, and
+// the per-check series are read at scrape time. Every other telemetry key builds sinks and needs a
+// restart.
 var reloadableTelemetryFields = map[string]string{
+	"PerCheckMetrics": "per_check_metrics",
 	"PrefixFilter":    "prefix_filter",
 	"AllowedPrefixes": "prefix_filter",
 	"BlockedPrefixes": "prefix_filter",
@@ -145,6 +147,7 @@ func planReload(running, loaded *Config) (*reloadPlan, error) {
 	next.HTTPSCAFile, next.HTTPSCAPath = loaded.HTTPSCAFile, loaded.HTTPSCAPath
 	next.HTTPSCertFile, next.HTTPSKeyFile = loaded.HTTPSCertFile, loaded.HTTPSKeyFile
 	next.Telemetry.PrefixFilter = loaded.Telemetry.PrefixFilter
+	next.Telemetry.PerCheckMetrics = loaded.Telemetry.PerCheckMetrics
 	next.Telemetry.AllowedPrefixes = loaded.Telemetry.AllowedPrefixes
 	next.Telemetry.BlockedPrefixes = loaded.Telemetry.BlockedPrefixes
 
