@@ -10,12 +10,12 @@ import (
 // Per-check series, labelled by node and check ID: the TLS certificate expiry of TLS checks (always,
 // with Prometheus enabled) and, with telemetry.per_check_metrics, every check's last probe duration
 // and result. They are computed from the running checks at scrape time rather than pushed through
-// go-metrics: go-metrics' Prometheus sink forgets a series only
-// after prometheus_retention_time, so a deregistered check would go on reporting its certificate for
-// that long, and the time left until expiry would be as old as the last run. Reading the runner's state
-// at scrape time means a check that stops takes its series with it, and a run costs one atomic store.
-// They exist only on the Prometheus /metrics endpoint: the push sinks (statsd, dogstatsd) have no
-// notion of a series that ends.
+// go-metrics: go-metrics' Prometheus sink forgets a series only after prometheus_retention_time, so a
+// deregistered check would go on reporting its certificate for that long, and the time left until
+// expiry would be as old as the last run. Reading the runner's state at scrape time means a check that
+// stops takes its series with it, and a run costs an atomic store per value. They exist only on the
+// Prometheus /metrics endpoint: the push sinks (statsd, dogstatsd) have no notion of a series that
+// ends.
 var checkMetricDefs = struct {
 	tlsExpiry, latency, status metricDef
 }{

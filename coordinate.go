@@ -921,7 +921,7 @@ func (p *NodeProber) setCatalog(list []*api.Node) {
 		next[n.Node] = recordOf(n)
 	}
 	p.mu.Lock()
-	old := p.catalog
+	prev := p.catalog
 	changed := !p.catIndex || len(next) != len(p.catalog)
 	for name, rec := range next {
 		old, ok := p.catalog[name]
@@ -940,7 +940,7 @@ func (p *NodeProber) setCatalog(list []*api.Node) {
 	p.catalog, p.catIndex = next, true
 	p.mu.Unlock()
 	for name, rec := range next {
-		if rec.BadProbePort != "" && (old[name] == nil || *old[name] != *rec) {
+		if rec.BadProbePort != "" && (prev[name] == nil || *prev[name] != *rec) {
 			// Not probed rather than probed by ICMP or marked critical: a typo must not get a node
 			// reaped after node_reconnect_timeout.
 			p.logger.Error("Not probing node: invalid node meta "+probePortMetaKey+", want a port between 1 and 65535",

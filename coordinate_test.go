@@ -238,27 +238,29 @@ func waitCoordinate(t *testing.T, c *api.Client, node string) {
 // does.
 func icmpPingType(t *testing.T) string {
 	t.Helper()
-	return icmpPingTypeAt(t, "udp4", "ip4:icmp", "127.0.0.1")
+	pingType, whyNot := icmpPingTypeAt("udp4", "ip4:icmp", "127.0.0.1")
+	if pingType == "" {
+		t.Skip(whyNot)
+	}
+	return pingType
 }
 
-// icmpPingTypeAt is icmpPingType for one address family: the unprivileged and raw ICMP networks
-// to try on the loopback address addr.
-func icmpPingTypeAt(t *testing.T, udpNet, rawNet, addr string) string {
-	t.Helper()
+// icmpPingTypeAt finds the ping_type that works for one address family, given the unprivileged and
+// raw ICMP networks to try on the loopback address addr; "" and the reason when neither does.
+func icmpPingTypeAt(udpNet, rawNet, addr string) (pingType, whyNot string) {
 	c, udpErr := icmp.ListenPacket(udpNet, addr)
 	if udpErr == nil {
 		c.Close()
-		return "udp"
+		return "udp", ""
 	}
 	c, rawErr := icmp.ListenPacket(rawNet, addr)
 	if rawErr == nil {
 		c.Close()
-		return "socket"
+		return "socket", ""
 	}
 	rng, _ := os.ReadFile("/proc/sys/net/ipv4/ping_group_range")
-	t.Skipf("cannot send real ICMP pings here: unprivileged ICMP sockets are refused (net.ipv4.ping_group_range=%q does not cover gid %d: %v) "+
+	return "", fmt.Sprintf("cannot send real ICMP pings here: unprivileged ICMP sockets are refused (net.ipv4.ping_group_range=%q does not cover gid %d: %v) "+
 		"and raw ICMP sockets need root or CAP_NET_RAW (%v)", strings.Join(strings.Fields(string(rng)), " "), os.Getgid(), udpErr, rawErr)
-	return ""
 }
 
 // TestNodeProbeRealPing runs the whole agent with the real pinger: the leader assigns the probe

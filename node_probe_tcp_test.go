@@ -115,7 +115,7 @@ func TestNodeProbeTCP(t *testing.T) {
 	srv := newTestConsul(t)
 	c := srv.Client
 	cfg := probeTestConfig(srv)
-	cfg.NodeReconnectTimeout = 3 * time.Second
+	cfg.NodeReconnectTimeout = 5 * time.Second
 	upPort, stopUp := tcpAcceptor(t, "127.0.0.1")
 	registerProbeNode(t, c, "tcp-up", "127.0.0.1", map[string]string{probePortMetaKey: strconv.Itoa(upPort)})
 	registerProbeNode(t, c, "tcp-closed", "127.0.0.1", map[string]string{probePortMetaKey: closedTCPPort(t)})
@@ -125,13 +125,14 @@ func TestNodeProbeTCP(t *testing.T) {
 	r := startProber(t, cfg, fp)
 	r.p.SetNodes([]string{"tcp-up", "tcp-closed", "tcp-bad", "icmp-node"})
 
-	waitNodeCheck(t, c, "tcp-up", api.HealthPassing)
-	waitCoordinate(t, c, "tcp-up")
-	waitNodeCheck(t, c, "icmp-node", api.HealthPassing)
+	// First the node that gets reaped, while it still exists: the coordinate below can take seconds.
 	waitNodeCheck(t, c, "tcp-closed", api.HealthCritical)
 	if _, _, ok := readMarker(t, c, cfg, "tcp-closed"); !ok {
 		t.Fatal("no failure marker for tcp-closed")
 	}
+	waitNodeCheck(t, c, "tcp-up", api.HealthPassing)
+	waitCoordinate(t, c, "tcp-up")
+	waitNodeCheck(t, c, "icmp-node", api.HealthPassing)
 	if n := fp.callCount("127.0.0.1"); n != 0 {
 		t.Fatalf("%d ICMP pings to the TCP-probed nodes' address", n)
 	}
