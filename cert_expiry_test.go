@@ -26,10 +26,10 @@ type certSource struct {
 	cur atomic.Pointer[tls.Certificate]
 }
 
-func newCertSource(t *testing.T, notAfter time.Time) *certSource {
+// newCertSource starts with a certificate expiring at notAfter and returns that expiry as set does.
+func newCertSource(t *testing.T, notAfter time.Time) (*certSource, time.Time) {
 	c := &certSource{}
-	c.set(t, notAfter)
-	return c
+	return c, c.set(t, notAfter)
 }
 
 // set installs a new certificate expiring at notAfter and returns that expiry as the certificate
@@ -90,8 +90,7 @@ func tlsDefinitions(https, grpcAddr string) map[string]checkDefinition {
 // Every TLS kind reports the leaf certificate of its own run's handshake: after the target's
 // certificate is replaced, the next run reports the new one (nothing is cached between runs).
 func TestProbeRecordsCertExpiry(t *testing.T) {
-	src := newCertSource(t, time.Now().Add(48*time.Hour))
-	first := src.set(t, time.Now().Add(48*time.Hour))
+	src, first := newCertSource(t, time.Now().Add(48*time.Hour))
 	https := tlsTarget(t, "127.0.0.1", src)
 	grpcAddr := grpcHealthServerAt(t, "127.0.0.1:0", grpc.Creds(credentials.NewTLS(src.serverConfig())))
 	p := newProber(nil)
@@ -204,8 +203,7 @@ func waitSeries(t *testing.T, a *Agent, series string, lo, hi float64) {
 // renewed, the window reloadable, and a deregistered check's series gone from the next scrape.
 func TestCheckRunnerTLSExpiry(t *testing.T) {
 	srv := newTestConsul(t)
-	src := newCertSource(t, time.Now())
-	expiry := src.set(t, time.Now().Add(48*time.Hour))
+	src, expiry := newCertSource(t, time.Now().Add(48*time.Hour))
 	target := tlsTarget(t, "127.0.0.1", src)
 	r := crStart(t, srv, func(c *Config) {
 		c.TLSExpiryWarning = 72 * time.Hour

@@ -85,8 +85,7 @@ func ipv6Checks(t *testing.T, src *certSource) []ipv6Check {
 // Every check kind runs against targets on ::1, and fails cleanly against closed ports there.
 func TestProbeIPv6(t *testing.T) {
 	needIPv6Loopback(t)
-	src := newCertSource(t, time.Now())
-	expiry := src.set(t, time.Now().Add(30*24*time.Hour))
+	src, expiry := newCertSource(t, time.Now().Add(30*24*time.Hour))
 	p := newProber(nil)
 	for _, c := range ipv6Checks(t, src) {
 		t.Run(c.id, func(t *testing.T) {
@@ -136,8 +135,7 @@ func TestAgentIPv6(t *testing.T) {
 	} else {
 		t.Logf("v6-icmp is not pinged: %s", whyNot)
 	}
-	src := newCertSource(t, time.Now())
-	src.set(t, time.Now().Add(30*24*time.Hour))
+	src, _ := newCertSource(t, time.Now().Add(30*24*time.Hour))
 	checks := ipv6Checks(t, src)
 	port, _ := tcpAcceptor(t, "::1")
 
