@@ -28,6 +28,7 @@ type certSource struct {
 
 // newCertSource starts with a certificate expiring at notAfter and returns that expiry as set does.
 func newCertSource(t *testing.T, notAfter time.Time) (*certSource, time.Time) {
+	t.Helper()
 	c := &certSource{}
 	return c, c.set(t, notAfter)
 }

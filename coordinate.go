@@ -70,9 +70,10 @@ type pinger interface {
 }
 
 // NodeProber pings the probe nodes assigned to this instance (external nodes with
-// external-probe=true) and keeps their node-level health in the catalog: it writes the
-// externalNodeHealth check, records the first-failure time at <kv>probes/<node>, reaps nodes that
-// stay unreachable for node_reconnect_timeout, and updates their network coordinates.
+// external-probe=true), by ICMP or, where a port is configured, by a TCP connect, and keeps their
+// node-level health in the catalog: it writes the externalNodeHealth check, records the
+// first-failure time at <kv>probes/<node>, reaps nodes that stay unreachable for
+// node_reconnect_timeout, and updates their network coordinates.
 //
 // One scheduler goroutine spreads the pings evenly over node_probe_interval; every ping runs in its
 // own goroutine, at most one per node. A blocking catalog watch keeps node addresses and
