@@ -107,7 +107,9 @@ func TestProbeRecordsCertExpiry(t *testing.T) {
 	run := func(want time.Time) {
 		t.Helper()
 		for name, probe := range probes {
-			status, out, expiry := probe(context.Background())
+			var run probeRun
+			status, out := probe(context.Background(), &run)
+			expiry := run.certExpiry
 			if name == "http (none)" {
 				if !expiry.IsZero() {
 					t.Errorf("%s: expiry %v without a handshake (%s: %s)", name, expiry, status, out)

@@ -163,6 +163,8 @@ type checkTask struct {
 	// telemetry.per_check_metrics, read by the telemetry collector.
 	lastLatency atomic.Int64
 	lastStatus  atomic.Int32
+	// run collects what the current run observed; runs of one task never overlap.
+	run probeRun
 
 	// guarded by checkScheduler.mu
 	next    time.Time
@@ -778,8 +780,10 @@ var (
 // runTask runs one probe on a worker and hands the result on.
 func (r *CheckRunner) runTask(t *checkTask) {
 	start := time.Now()
-	status, output, certExpiry := t.probe(t.ctx)
+	t.run = probeRun{}
+	status, output := t.probe(t.ctx, &t.run)
 	elapsed := time.Since(start)
+	certExpiry := t.run.certExpiry
 	if t.ctx.Err() == nil { // a stopped check's last result is dropped
 		r.runs.Add(1)
 		set := r.settings.Load()

@@ -181,16 +181,14 @@ func (d *checkDefinition) kind() (kind string, unsupported string) {
 	}
 }
 
-// probeFunc runs one check once and returns Consul's status string, the check output and, when the run
-// completed a TLS handshake, the NotAfter of the leaf certificate that handshake presented (zero
-// otherwise). The certificate is the run's own: every run handshakes afresh, so a replaced
-// certificate shows up at the next run.
-type probeFunc func(ctx context.Context) (status, output string, certExpiry time.Time)
+// probeFunc runs one check once and returns Consul's status string and the check output. What else
+// the run observed goes into run when it is not nil; the caller owns it (the runner keeps one per
+// check, whose runs never overlap, so a run allocates nothing for it).
+type probeFunc func(ctx context.Context, run *probeRun) (status, output string)
 
-// kindProbe is one check kind's probe: it returns the verdict and notes what else the run saw in run.
-type kindProbe func(ctx context.Context, run *probeRun) (status, output string)
-
-// probeRun is what one run observed besides its verdict.
+// probeRun is what one run observed besides its verdict: when it completed a TLS handshake, the
+// NotAfter of the leaf certificate that handshake presented (zero otherwise). The certificate is the
+// run's own: every run handshakes afresh, so a replaced certificate shows up at the next run.
 type probeRun struct {
 	certExpiry time.Time
 }
@@ -198,7 +196,7 @@ type probeRun struct {
 // recordTLS notes the leaf certificate of a completed handshake. The leaf is what a client verifies
 // the name against and what an operator renews; intermediates are the CA's business.
 func (r *probeRun) recordTLS(cs *tls.ConnectionState) {
-	if cs != nil && len(cs.PeerCertificates) > 0 {
+	if r != nil && cs != nil && len(cs.PeerCertificates) > 0 {
 		r.certExpiry = cs.PeerCertificates[0].NotAfter
 	}
 }
@@ -305,7 +303,7 @@ func (p *prober) newProbe(d *checkDefinition, timeout time.Duration) (probeFunc,
 	}
 	key := tlsKey{d.TLSSkipVerify, d.TLSServerName}
 	maxOut := outputLimit(d.OutputMaxSize)
-	var probe kindProbe
+	var probe probeFunc
 	switch kind, why := d.kind(); kind {
 	case "http":
 		probe = p.httpProbe(d, timeout)
@@ -320,15 +318,14 @@ func (p *prober) newProbe(d *checkDefinition, timeout time.Duration) (probeFunc,
 	default:
 		return nil, fmt.Errorf("cannot run check: %s", why)
 	}
-	return func(ctx context.Context) (string, string, time.Time) {
-		var run probeRun
-		status, out := probe(ctx, &run)
+	return func(ctx context.Context, run *probeRun) (string, string) {
+		status, out := probe(ctx, run)
 		if status != statusPassing && status != statusWarning {
 			// An error text can quote what the target sent (a malformed status line of up to
 			// maxResponseHeaderBytes); the catalog gets no more than the check's output limit.
 			out = truncateOutput(out, maxOut)
 		}
-		return status, out, run.certExpiry
+		return status, out
 	}, nil
 }
 
@@ -355,7 +352,7 @@ func truncateOutput(s string, n int) string {
 	return s
 }
 
-func (p *prober) httpProbe(d *checkDefinition, timeout time.Duration) kindProbe {
+func (p *prober) httpProbe(d *checkDefinition, timeout time.Duration) probeFunc {
 	method := d.Method
 	if method == "" {
 		method = http.MethodGet
@@ -498,7 +495,7 @@ func (p *prober) dialTLS(ctx context.Context, addr string, cfg *tls.Config, run 
 	return conn, nil
 }
 
-func (p *prober) tcpProbe(addr string, useTLS bool, key tlsKey, timeout time.Duration) kindProbe {
+func (p *prober) tcpProbe(addr string, useTLS bool, key tlsKey, timeout time.Duration) probeFunc {
 	kind := "TCP"
 	if useTLS {
 		kind = "TCP+TLS"
@@ -526,7 +523,7 @@ func (p *prober) tcpProbe(addr string, useTLS bool, key tlsKey, timeout time.Dur
 // wait for any reply. Silence is passing because UDP services need not answer; only an error,
 // such as the ICMP port-unreachable that surfaces as "connection refused", is critical. Unlike
 // Consul, the read is bounded by the timeout instead of blocking forever.
-func (p *prober) udpProbe(addr string, timeout time.Duration) kindProbe {
+func (p *prober) udpProbe(addr string, timeout time.Duration) probeFunc {
 	success := fmt.Sprintf("UDP connect %s: Success", addr)
 	return func(ctx context.Context, _ *probeRun) (string, string) {
 		ctx, cancel := context.WithTimeout(ctx, timeout)
@@ -567,7 +564,7 @@ func isTimeout(err error) bool {
 // grpcProbe queries grpc.health.v1 on "host:port[/service]" with one connection per run, as Consul does.
 // A cached ClientConn would also back off between reconnects (up to two minutes) and so be late to
 // notice a recovered target.
-func (p *prober) grpcProbe(target string, useTLS bool, key tlsKey, timeout time.Duration) kindProbe {
+func (p *prober) grpcProbe(target string, useTLS bool, key tlsKey, timeout time.Duration) probeFunc {
 	server, service, _ := strings.Cut(target, "/")
 	return func(ctx context.Context, run *probeRun) (string, string) {
 		ctx, cancel := context.WithTimeout(ctx, timeout)
@@ -602,7 +599,7 @@ func (p *prober) grpcProbe(target string, useTLS bool, key tlsKey, timeout time.
 
 // h2pingProbe sends an HTTP/2 PING over a fresh connection: h2c with prior knowledge, or TLS
 // with ALPN "h2" when useTLS.
-func (p *prober) h2pingProbe(addr string, useTLS bool, key tlsKey, timeout time.Duration) kindProbe {
+func (p *prober) h2pingProbe(addr string, useTLS bool, key tlsKey, timeout time.Duration) probeFunc {
 	return func(ctx context.Context, run *probeRun) (string, string) {
 		ctx, cancel := context.WithTimeout(ctx, timeout)
 		defer cancel()

@@ -36,8 +36,7 @@ func runWith(t *testing.T, p *prober, d *checkDefinition, timeout time.Duration)
 	if err != nil {
 		t.Fatalf("newProbe: %v", err)
 	}
-	status, out, _ := probe(context.Background())
-	return status, out
+	return probe(context.Background(), nil)
 }
 
 // closedTCPAddr returns a loopback address nothing listens on.
@@ -295,7 +294,7 @@ func TestProbeHTTPLargeBodyBounded(t *testing.T) {
 	}
 	var before, after runtime.MemStats
 	runtime.ReadMemStats(&before)
-	status, out, _ := probe(context.Background())
+	status, out := probe(context.Background(), nil)
 	runtime.ReadMemStats(&after)
 	prefix := fmt.Sprintf("HTTP GET %s: 200 OK Output: ", srv.URL)
 	if status != statusPassing || !strings.HasPrefix(out, prefix) || len(out)-len(prefix) != defaultOutputMaxSize {
@@ -339,7 +338,7 @@ func TestProbeHTTPTimeout(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	start = time.Now()
-	if status, out, _ := probe(ctx); status != statusCritical || time.Since(start) > timeout+2*time.Second {
+	if status, out := probe(ctx, nil); status != statusCritical || time.Since(start) > timeout+2*time.Second {
 		t.Fatalf("context not honoured: (%q, %q) after %v", status, out, time.Since(start))
 	}
 }
@@ -389,11 +388,11 @@ func TestProbeSetTLSReloadsExistingProbes(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if status, _, _ := probe(context.Background()); status != statusCritical {
+	if status, _ := probe(context.Background(), nil); status != statusCritical {
 		t.Fatalf("untrusted server: %q", status)
 	}
 	p.setTLS(&tls.Config{RootCAs: pool})
-	if status, out, _ := probe(context.Background()); status != statusPassing {
+	if status, out := probe(context.Background(), nil); status != statusPassing {
 		t.Fatalf("after setTLS: (%q, %q)", status, out)
 	}
 
@@ -404,7 +403,7 @@ func TestProbeSetTLSReloadsExistingProbes(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			for j := 0; j < 5; j++ {
-				_, _, _ = probe(context.Background())
+				probe(context.Background(), nil)
 			}
 		}()
 	}
@@ -412,7 +411,7 @@ func TestProbeSetTLSReloadsExistingProbes(t *testing.T) {
 		p.setTLS(&tls.Config{RootCAs: pool})
 	}
 	wg.Wait()
-	if status, out, _ := probe(context.Background()); status != statusPassing {
+	if status, out := probe(context.Background(), nil); status != statusPassing {
 		t.Fatalf("after concurrent reloads: (%q, %q)", status, out)
 	}
 }

@@ -93,7 +93,9 @@ func TestProbeIPv6(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			status, out, gotExpiry := probe(context.Background())
+			var run probeRun
+			status, out := probe(context.Background(), &run)
+			gotExpiry := run.certExpiry
 			if status != statusPassing || out != c.want {
 				t.Fatalf("got (%s, %q), want passing %q", status, out, c.want)
 			}
