@@ -108,6 +108,10 @@ func NewAgent(cfg *Config, logger hclog.Logger, opts AgentOptions) (*Agent, erro
 	}
 	a.runner = newCheckRunner(a, tlsCfg)
 	a.prober = newNodeProber(a)
+	if err := a.telemetry.registerCheckCollector(a.runner); err != nil {
+		a.telemetry.Close()
+		return nil, fmt.Errorf("registering per-check metrics: %w", err)
+	}
 	return a, nil
 }
 

@@ -64,6 +64,8 @@ type runnerSettings struct {
 	passingThreshold    int
 	criticalThreshold   int
 	checkUpdateInterval time.Duration
+	tlsExpiryWarning    time.Duration // 0: a certificate's expiry never changes a status
+	perCheckMetrics     bool          // telemetry.per_check_metrics: record each run for /metrics
 }
 
 func settingsFrom(cfg *Config) *runnerSettings {
@@ -71,6 +73,8 @@ func settingsFrom(cfg *Config) *runnerSettings {
 		passingThreshold:    cfg.PassingThreshold,
 		criticalThreshold:   cfg.CriticalThreshold,
 		checkUpdateInterval: cfg.CheckUpdateInterval,
+		tlsExpiryWarning:    cfg.TLSExpiryWarning,
+		perCheckMetrics:     cfg.Telemetry.PerCheckMetrics,
 	}
 }
 
@@ -160,6 +164,17 @@ type checkTask struct {
 	interval time.Duration
 	ctx      context.Context
 	cancel   context.CancelFunc
+
+	// certExpiry is the Unix time at which the certificate of the last run that completed a TLS
+	// handshake expires (0: none yet). It is per incarnation, so a definition that drops TLS drops
+	// its expiry series; the telemetry collector reads it at scrape time.
+	certExpiry atomic.Int64
+	// lastLatency (ns) and lastStatus (statusCode) describe the last run; written only with
+	// telemetry.per_check_metrics, read by the telemetry collector.
+	lastLatency atomic.Int64
+	lastStatus  atomic.Int32
+	// run collects what the current run observed; runs of one task never overlap.
+	run probeRun
 
 	// guarded by checkScheduler.mu
 	next     time.Time
@@ -896,10 +911,21 @@ var (
 // runTask runs one probe on a worker and hands the result on.
 func (r *CheckRunner) runTask(t *checkTask) {
 	start := time.Now()
-	status, output := t.probe(t.ctx)
+	t.run = probeRun{}
+	status, output := t.probe(t.ctx, &t.run)
 	elapsed := time.Since(start)
+	certExpiry := t.run.certExpiry
 	if t.ctx.Err() == nil { // a stopped check's last result is dropped
 		r.runs.Add(1)
+		set := r.settings.Load()
+		if !certExpiry.IsZero() {
+			t.certExpiry.Store(certExpiry.Unix())
+			status, output = certExpiryVerdict(status, output, certExpiry, start, set.tlsExpiryWarning)
+		}
+		if set.perCheckMetrics {
+			t.lastLatency.Store(int64(elapsed))
+			t.lastStatus.Store(statusCode(status))
+		}
 		if l, ok := resultLabels[status]; ok {
 			metrics.IncrCounterWithLabels(resultsKey, 1, l)
 		}
@@ -907,6 +933,22 @@ func (r *CheckRunner) runTask(t *checkTask) {
 		r.handleResult(t, status, output)
 	}
 	r.sched.finished(t)
+}
+
+// certExpiryVerdict turns a passing result into a warning while the run's certificate expires within
+// window (tls_expiry_warning; 0 disables it), with an output that names the expiry date first. The
+// output carries the date, not the time left, so it does not change from run to run. Warning and
+// critical results stand: they already say more than the certificate would.
+func certExpiryVerdict(status, output string, expiry, now time.Time, window time.Duration) (string, string) {
+	if window <= 0 || status != statusPassing || expiry.Sub(now) > window {
+		return status, output
+	}
+	verb := "expires"
+	if !expiry.After(now) {
+		verb = "expired"
+	}
+	out := fmt.Sprintf("TLS certificate %s %s (tls_expiry_warning %s). %s", verb, expiry.UTC().Format(time.RFC3339), window, output)
+	return statusWarning, truncateOutput(out, defaultOutputMaxSize)
 }
 
 // thresholdStep applies one result to the anti-flapping counter, with the README's semantics: a

@@ -85,10 +85,16 @@ func crStart(t *testing.T, srv *testConsul, mutate func(*Config), before func(*C
 // check with a full definition (checkDefinition keeps UDP/H2PING fields api.AgentCheck lacks).
 func crRegister(t *testing.T, c *api.Client, node, service string, check catalogRegisterCheck) {
 	t.Helper()
+	registerNodeCheck(t, c, node, "127.0.0.1", map[string]string{"external-node": "true"}, service, check)
+}
+
+// registerNodeCheck registers node at address with meta, optionally a service, and a check.
+func registerNodeCheck(t *testing.T, c *api.Client, node, address string, meta map[string]string, service string, check catalogRegisterCheck) {
+	t.Helper()
 	body := map[string]any{
 		"Node":     node,
-		"Address":  "127.0.0.1",
-		"NodeMeta": map[string]string{"external-node": "true"},
+		"Address":  address,
+		"NodeMeta": meta,
 	}
 	if service != "" {
 		body["Service"] = map[string]any{"ID": service, "Service": service}

@@ -21,6 +21,7 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	hv1 "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/peer"
 )
 
 // Consul's health status strings, as the catalog stores them.
@@ -180,8 +181,25 @@ func (d *checkDefinition) kind() (kind string, unsupported string) {
 	}
 }
 
-// probeFunc runs one check once and returns Consul's status string and the check output.
-type probeFunc func(ctx context.Context) (status, output string)
+// probeFunc runs one check once and returns Consul's status string and the check output. What else
+// the run observed goes into run when it is not nil; the caller owns it (the runner keeps one per
+// check, whose runs never overlap, so a run allocates nothing for it).
+type probeFunc func(ctx context.Context, run *probeRun) (status, output string)
+
+// probeRun is what one run observed besides its verdict: when it completed a TLS handshake, the
+// NotAfter of the leaf certificate that handshake presented (zero otherwise). The certificate is the
+// run's own: every run handshakes afresh, so a replaced certificate shows up at the next run.
+type probeRun struct {
+	certExpiry time.Time
+}
+
+// recordTLS notes the leaf certificate of a completed handshake. The leaf is what a client verifies
+// the name against and what an operator renews; intermediates are the CA's business.
+func (r *probeRun) recordTLS(cs *tls.ConnectionState) {
+	if r != nil && cs != nil && len(cs.PeerCertificates) > 0 {
+		r.certExpiry = cs.PeerCertificates[0].NotAfter
+	}
+}
 
 // tlsKey identifies the per-check TLS overrides; HTTP transports are shared per key because a
 // transport's TLS config is fixed once it has dialled.
@@ -300,8 +318,8 @@ func (p *prober) newProbe(d *checkDefinition, timeout time.Duration) (probeFunc,
 	default:
 		return nil, fmt.Errorf("cannot run check: %s", why)
 	}
-	return func(ctx context.Context) (string, string) {
-		status, out := probe(ctx)
+	return func(ctx context.Context, run *probeRun) (string, string) {
+		status, out := probe(ctx, run)
 		if status != statusPassing && status != statusWarning {
 			// An error text can quote what the target sent (a malformed status line of up to
 			// maxResponseHeaderBytes); the catalog gets no more than the check's output limit.
@@ -361,7 +379,7 @@ func (p *prober) httpProbe(d *checkDefinition, timeout time.Duration) probeFunc 
 	if d.DisableRedirects {
 		redirect = func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }
 	}
-	return func(ctx context.Context) (string, string) {
+	return func(ctx context.Context, run *probeRun) (string, string) {
 		req, err := http.NewRequestWithContext(ctx, method, target, strings.NewReader(body))
 		if err != nil {
 			return statusCritical, err.Error()
@@ -377,6 +395,8 @@ func (p *prober) httpProbe(d *checkDefinition, timeout time.Duration) probeFunc 
 		if err != nil {
 			return statusCritical, err.Error()
 		}
+		// With redirects this is the last hop's handshake, the server that answered.
+		run.recordTLS(resp.TLS)
 		// A reason phrase may run to the header limit; no real one comes near the agent's output limit.
 		status := truncateOutput(resp.Status, defaultOutputMaxSize)
 		out := fmt.Sprintf("HTTP %s %s: %s Output: %s", method, target, status, p.readTail(resp.Body, maxOut))
@@ -449,8 +469,9 @@ func (t *tailBuffer) ReadFrom(r io.Reader) (int64, error) {
 }
 
 // dialTLS dials addr through the prober's dialer and completes a TLS handshake with cfg, both bounded
-// by ctx.
-func (p *prober) dialTLS(ctx context.Context, addr string, cfg *tls.Config) (net.Conn, error) {
+// by ctx, and notes the handshake's certificate in run. It returns a net.Conn (nil on error, never a
+// typed nil) so callers can hold plain and TLS connections in one variable.
+func (p *prober) dialTLS(ctx context.Context, addr string, cfg *tls.Config, run *probeRun) (net.Conn, error) {
 	raw, err := p.dial(ctx, "tcp", addr)
 	if err != nil {
 		return nil, err
@@ -469,6 +490,8 @@ func (p *prober) dialTLS(ctx context.Context, addr string, cfg *tls.Config) (net
 		raw.Close()
 		return nil, err
 	}
+	cs := conn.ConnectionState()
+	run.recordTLS(&cs)
 	return conn, nil
 }
 
@@ -478,13 +501,13 @@ func (p *prober) tcpProbe(addr string, useTLS bool, key tlsKey, timeout time.Dur
 		kind = "TCP+TLS"
 	}
 	success := fmt.Sprintf("%s connect %s: Success", kind, addr)
-	return func(ctx context.Context) (string, string) {
+	return func(ctx context.Context, run *probeRun) (string, string) {
 		ctx, cancel := context.WithTimeout(ctx, timeout)
 		defer cancel()
 		var conn net.Conn
 		var err error
 		if useTLS {
-			conn, err = p.dialTLS(ctx, addr, p.tlsConfig(key))
+			conn, err = p.dialTLS(ctx, addr, p.tlsConfig(key), run)
 		} else {
 			conn, err = p.dial(ctx, "tcp", addr)
 		}
@@ -502,7 +525,7 @@ func (p *prober) tcpProbe(addr string, useTLS bool, key tlsKey, timeout time.Dur
 // Consul, the read is bounded by the timeout instead of blocking forever.
 func (p *prober) udpProbe(addr string, timeout time.Duration) probeFunc {
 	success := fmt.Sprintf("UDP connect %s: Success", addr)
-	return func(ctx context.Context) (string, string) {
+	return func(ctx context.Context, _ *probeRun) (string, string) {
 		ctx, cancel := context.WithTimeout(ctx, timeout)
 		defer cancel()
 		conn, err := p.dial(ctx, "udp", addr)
@@ -543,7 +566,7 @@ func isTimeout(err error) bool {
 // notice a recovered target.
 func (p *prober) grpcProbe(target string, useTLS bool, key tlsKey, timeout time.Duration) probeFunc {
 	server, service, _ := strings.Cut(target, "/")
-	return func(ctx context.Context) (string, string) {
+	return func(ctx context.Context, run *probeRun) (string, string) {
 		ctx, cancel := context.WithTimeout(ctx, timeout)
 		defer cancel()
 		creds := insecure.NewCredentials()
@@ -557,7 +580,13 @@ func (p *prober) grpcProbe(target string, useTLS bool, key tlsKey, timeout time.
 			return statusCritical, err.Error()
 		}
 		defer conn.Close()
-		resp, err := hv1.NewHealthClient(conn).Check(ctx, &hv1.HealthCheckRequest{Service: service})
+		// The peer carries the handshake of this run's connection; it is filled in by the call itself,
+		// so reading it afterwards needs no synchronisation with gRPC's transport goroutines.
+		var pr peer.Peer
+		resp, err := hv1.NewHealthClient(conn).Check(ctx, &hv1.HealthCheckRequest{Service: service}, grpc.Peer(&pr))
+		if info, ok := pr.AuthInfo.(credentials.TLSInfo); ok {
+			run.recordTLS(&info.State)
+		}
 		if err != nil {
 			return statusCritical, err.Error()
 		}
@@ -571,7 +600,7 @@ func (p *prober) grpcProbe(target string, useTLS bool, key tlsKey, timeout time.
 // h2pingProbe sends an HTTP/2 PING over a fresh connection: h2c with prior knowledge, or TLS
 // with ALPN "h2" when useTLS.
 func (p *prober) h2pingProbe(addr string, useTLS bool, key tlsKey, timeout time.Duration) probeFunc {
-	return func(ctx context.Context) (string, string) {
+	return func(ctx context.Context, run *probeRun) (string, string) {
 		ctx, cancel := context.WithTimeout(ctx, timeout)
 		defer cancel()
 		t := &http2.Transport{}
@@ -581,7 +610,7 @@ func (p *prober) h2pingProbe(addr string, useTLS bool, key tlsKey, timeout time.
 			cfg := p.tlsConfig(key)
 			cfg.NextProtos = []string{http2.NextProtoTLS}
 			t.TLSClientConfig = cfg
-			conn, err = p.dialTLS(ctx, addr, cfg)
+			conn, err = p.dialTLS(ctx, addr, cfg, run)
 		} else {
 			t.AllowHTTP = true
 			conn, err = p.dial(ctx, "tcp", addr)

@@ -36,13 +36,19 @@ func runWith(t *testing.T, p *prober, d *checkDefinition, timeout time.Duration)
 	if err != nil {
 		t.Fatalf("newProbe: %v", err)
 	}
-	return probe(context.Background())
+	return probe(context.Background(), nil)
 }
 
 // closedTCPAddr returns a loopback address nothing listens on.
 func closedTCPAddr(t *testing.T) string {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+	return closedTCPAddrAt(t, "127.0.0.1")
+}
+
+// closedTCPAddrAt is a TCP host:port on host (a loopback address) nothing listens on.
+func closedTCPAddrAt(t *testing.T, host string) string {
+	t.Helper()
+	l, err := net.Listen("tcp", net.JoinHostPort(host, "0"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -53,7 +59,13 @@ func closedTCPAddr(t *testing.T) string {
 
 func closedUDPAddr(t *testing.T) string {
 	t.Helper()
-	c, err := net.ListenPacket("udp", "127.0.0.1:0")
+	return closedUDPAddrAt(t, "127.0.0.1")
+}
+
+// closedUDPAddrAt is a UDP host:port on host (a loopback address) nothing listens on.
+func closedUDPAddrAt(t *testing.T, host string) string {
+	t.Helper()
+	c, err := net.ListenPacket("udp", net.JoinHostPort(host, "0"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -282,7 +294,7 @@ func TestProbeHTTPLargeBodyBounded(t *testing.T) {
 	}
 	var before, after runtime.MemStats
 	runtime.ReadMemStats(&before)
-	status, out := probe(context.Background())
+	status, out := probe(context.Background(), nil)
 	runtime.ReadMemStats(&after)
 	prefix := fmt.Sprintf("HTTP GET %s: 200 OK Output: ", srv.URL)
 	if status != statusPassing || !strings.HasPrefix(out, prefix) || len(out)-len(prefix) != defaultOutputMaxSize {
@@ -326,7 +338,7 @@ func TestProbeHTTPTimeout(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	start = time.Now()
-	if status, out := probe(ctx); status != statusCritical || time.Since(start) > timeout+2*time.Second {
+	if status, out := probe(ctx, nil); status != statusCritical || time.Since(start) > timeout+2*time.Second {
 		t.Fatalf("context not honoured: (%q, %q) after %v", status, out, time.Since(start))
 	}
 }
@@ -376,11 +388,11 @@ func TestProbeSetTLSReloadsExistingProbes(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if status, _ := probe(context.Background()); status != statusCritical {
+	if status, _ := probe(context.Background(), nil); status != statusCritical {
 		t.Fatalf("untrusted server: %q", status)
 	}
 	p.setTLS(&tls.Config{RootCAs: pool})
-	if status, out := probe(context.Background()); status != statusPassing {
+	if status, out := probe(context.Background(), nil); status != statusPassing {
 		t.Fatalf("after setTLS: (%q, %q)", status, out)
 	}
 
@@ -391,7 +403,7 @@ func TestProbeSetTLSReloadsExistingProbes(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			for j := 0; j < 5; j++ {
-				probe(context.Background())
+				probe(context.Background(), nil)
 			}
 		}()
 	}
@@ -399,7 +411,7 @@ func TestProbeSetTLSReloadsExistingProbes(t *testing.T) {
 		p.setTLS(&tls.Config{RootCAs: pool})
 	}
 	wg.Wait()
-	if status, out := probe(context.Background()); status != statusPassing {
+	if status, out := probe(context.Background(), nil); status != statusPassing {
 		t.Fatalf("after concurrent reloads: (%q, %q)", status, out)
 	}
 }
@@ -467,7 +479,13 @@ func TestProbeTCPTLS(t *testing.T) {
 // udpServer answers (or, when silent, swallows) datagrams and reports each payload length.
 func udpServer(t *testing.T, silent bool) (string, <-chan int) {
 	t.Helper()
-	c, err := net.ListenPacket("udp", "127.0.0.1:0")
+	return udpServerAt(t, "127.0.0.1", silent)
+}
+
+// udpServerAt is udpServer on host (a loopback address).
+func udpServerAt(t *testing.T, host string, silent bool) (string, <-chan int) {
+	t.Helper()
+	c, err := net.ListenPacket("udp", net.JoinHostPort(host, "0"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -539,7 +557,14 @@ func testCert(t *testing.T) tls.Certificate {
 
 func grpcHealthServer(t *testing.T, opts ...grpc.ServerOption) string {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+	return grpcHealthServerAt(t, "127.0.0.1:0", opts...)
+}
+
+// grpcHealthServerAt serves grpc.health.v1 on addr (services "" and "up" serving, "down" not) and
+// returns the address it listens on.
+func grpcHealthServerAt(t *testing.T, addr string, opts ...grpc.ServerOption) string {
+	t.Helper()
+	l, err := net.Listen("tcp", addr)
 	if err != nil {
 		t.Fatal(err)
 	}

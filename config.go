@@ -47,6 +47,7 @@ type Config struct {
 
 	NodeReconnectTimeout time.Duration
 	NodeProbeInterval    time.Duration
+	NodeProbePort        int // 0: ICMP; else a TCP connect to this port (node meta external-probe-port wins)
 	BatchFlushInterval   time.Duration
 
 	HTTPAddr      string
@@ -74,6 +75,10 @@ type Config struct {
 	// CheckUpdateInterval defers writes of output-only check changes (key check_update_interval,
 	// default 5m; 0 writes every output change).
 	CheckUpdateInterval time.Duration
+
+	// TLSExpiryWarning turns a passing check whose TLS certificate expires within this window into
+	// warning (key tls_expiry_warning, default 0: off).
+	TLSExpiryWarning time.Duration
 
 	Telemetry TelemetryConfig
 
@@ -122,6 +127,7 @@ type TelemetryConfig struct {
 	AllowedPrefixes                    []string
 	BlockedPrefixes                    []string
 	MetricsPrefix                      string
+	PerCheckMetrics                    bool
 	PrometheusRetentionTime            time.Duration
 	StatsdAddr                         string
 	StatsiteAddr                       string
@@ -294,6 +300,9 @@ func (c *Config) Validate() error {
 	if c.NodeProbeInterval < time.Second {
 		return fail("node_probe_interval cannot be lower than 1 second")
 	}
+	if c.NodeProbePort < 0 || c.NodeProbePort > 65535 {
+		return fail("node_probe_port %d is not a valid port: must be between 1 and 65535, or 0 to ping with ICMP", c.NodeProbePort)
+	}
 	if c.PassingThreshold < 0 {
 		return fail("passing_threshold cannot be negative")
 	}
@@ -315,6 +324,10 @@ func (c *Config) Validate() error {
 	}
 	if err := c.validateFailureDetection(); err != nil {
 		return err
+	}
+	if c.TLSExpiryWarning < 0 {
+		return fail("tls_expiry_warning %q cannot be negative: it is how long before a certificate expires its checks turn warning (0 turns this off)",
+			c.TLSExpiryWarning.String())
 	}
 	if c.ClientAddress != "" {
 		if err := configCheckHostPort(c.ClientAddress); err != nil {
@@ -800,6 +813,7 @@ var configRootKeyList = []configSpec[Config]{
 	{"partition", configStr(func(c *Config) *string { return &c.Partition })},
 	{"node_reconnect_timeout", configDuration(func(c *Config) *time.Duration { return &c.NodeReconnectTimeout })},
 	{"node_probe_interval", configDuration(func(c *Config) *time.Duration { return &c.NodeProbeInterval })},
+	{"node_probe_port", configInt(func(c *Config) *int { return &c.NodeProbePort })},
 	{"batch_flush_interval", configDuration(func(c *Config) *time.Duration { return &c.BatchFlushInterval })},
 	{"http_addr", configStr(func(c *Config) *string { return &c.HTTPAddr })},
 	{"token", configStr(func(c *Config) *string { return &c.Token })},
@@ -824,6 +838,7 @@ var configRootKeyList = []configSpec[Config]{
 	{"instance_ttl_refresh", configDuration(func(c *Config) *time.Duration { return &c.TTLRefreshInterval })},
 	{"session_ttl", configDuration(func(c *Config) *time.Duration { return &c.SessionTTL })},
 	{"lock_delay", configDuration(func(c *Config) *time.Duration { return &c.LockDelay })},
+	{"tls_expiry_warning", configDuration(func(c *Config) *time.Duration { return &c.TLSExpiryWarning })},
 }
 
 var configTelemetryKeyList = []configSpec[TelemetryConfig]{
@@ -846,6 +861,7 @@ var configTelemetryKeyList = []configSpec[TelemetryConfig]{
 	{"filter_default", configBool(func(t *TelemetryConfig) *bool { return &t.FilterDefault })},
 	{"prefix_filter", configStrings(func(t *TelemetryConfig) *[]string { return &t.PrefixFilter })},
 	{"metrics_prefix", configStr(func(t *TelemetryConfig) *string { return &t.MetricsPrefix })},
+	{"per_check_metrics", configBool(func(t *TelemetryConfig) *bool { return &t.PerCheckMetrics })},
 	{"prometheus_retention_time", configDuration(func(t *TelemetryConfig) *time.Duration { return &t.PrometheusRetentionTime })},
 	{"statsd_address", configStr(func(t *TelemetryConfig) *string { return &t.StatsdAddr })},
 	{"statsite_address", configStr(func(t *TelemetryConfig) *string { return &t.StatsiteAddr })},

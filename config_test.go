@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"math/big"
+	"net"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -139,6 +140,7 @@ func configKeyCases() []configKeyCase {
 		{"partition", `partition = "part1"`, `"partition": "part1"`, func(c *Config) { c.Partition = "part1" }},
 		{"node_reconnect_timeout", `node_reconnect_timeout = "8h"`, `"node_reconnect_timeout": "8h"`, func(c *Config) { c.NodeReconnectTimeout = 8 * time.Hour }},
 		{"node_probe_interval", `node_probe_interval = "2s"`, `"node_probe_interval": "2s"`, func(c *Config) { c.NodeProbeInterval = 2 * time.Second }},
+		{"node_probe_port", `node_probe_port = 443`, `"node_probe_port": 443`, func(c *Config) { c.NodeProbePort = 443 }},
 		{"batch_flush_interval", `batch_flush_interval = "0s"`, `"batch_flush_interval": "0s"`, func(c *Config) { c.BatchFlushInterval = 0 }},
 		{"http_addr", `http_addr = "https://127.0.0.1:8501"`, `"http_addr": "https://127.0.0.1:8501"`, func(c *Config) { c.HTTPAddr = "https://127.0.0.1:8501" }},
 		{"token", `token = "secret"`, `"token": "secret"`, func(c *Config) { c.Token = "secret" }},
@@ -163,6 +165,7 @@ func configKeyCases() []configKeyCase {
 		{"instance_ttl_refresh", `instance_ttl_refresh = "2s"`, `"instance_ttl_refresh": "2s"`, func(c *Config) { c.TTLRefreshInterval = 2 * time.Second }},
 		{"session_ttl", `session_ttl = "15s"`, `"session_ttl": "15s"`, func(c *Config) { c.SessionTTL = 15 * time.Second }},
 		{"lock_delay", `lock_delay = "15s"`, `"lock_delay": "15s"`, func(c *Config) { c.LockDelay = 15 * time.Second }},
+		{"tls_expiry_warning", `tls_expiry_warning = "336h"`, `"tls_expiry_warning": "336h"`, func(c *Config) { c.TLSExpiryWarning = 336 * time.Hour }},
 		{"telemetry", "telemetry {\n}", `"telemetry": {}`, func(c *Config) { c.Telemetry = TelemetryConfig{FilterDefault: true} }},
 
 		// telemetry.<key>: each alone in a block; the rest of the block keeps its defaults.
@@ -189,6 +192,7 @@ func configKeyCases() []configKeyCase {
 			t.BlockedPrefixes = []string{"esm.agent"}
 		}),
 		telemetryKeyCase("metrics_prefix", `"myesm"`, func(t *TelemetryConfig) { t.MetricsPrefix = "myesm" }),
+		telemetryKeyCase("per_check_metrics", `true`, func(t *TelemetryConfig) { t.PerCheckMetrics = true }),
 		telemetryKeyCase("prometheus_retention_time", `"1m"`, func(t *TelemetryConfig) { t.PrometheusRetentionTime = time.Minute }),
 		telemetryKeyCase("statsd_address", `"127.0.0.1:8126"`, func(t *TelemetryConfig) { t.StatsdAddr = "127.0.0.1:8126" }),
 		telemetryKeyCase("statsite_address", `"127.0.0.1:8127"`, func(t *TelemetryConfig) { t.StatsiteAddr = "127.0.0.1:8127" }),
@@ -420,6 +424,8 @@ func TestConfigLoadErrors(t *testing.T) {
 			`node_probe_interval: invalid duration: "10": time: missing unit in duration "10"`},
 		{"int-dur.hcl", "check_update_interval = 10\n",
 			`check_update_interval: invalid duration: "10": time: missing unit in duration "10"`},
+		{"bad-tls-expiry.hcl", "tls_expiry_warning = \"2 weeks\"\n",
+			`tls_expiry_warning: invalid duration: "2 weeks": time: unknown unit " weeks" in duration "2 weeks"`},
 		{"bad-dur2.hcl", "batch_flush_interval = \"1 second\"\n",
 			`batch_flush_interval: invalid duration: "1 second": time: unknown unit " second" in duration "1 second"`},
 		{"bad-retention.hcl", "telemetry {\n  prometheus_retention_time = \"1x\"\n}\n",
@@ -502,6 +508,10 @@ func TestConfigValidation(t *testing.T) {
 		{"ping type case", `ping_type = "UDP"`, `ping_type must be one of either "udp" or "socket"`},
 		{"probe interval", `node_probe_interval = "999ms"`, `node_probe_interval cannot be lower than 1 second`},
 		{"probe interval negative", `node_probe_interval = "-5s"`, `node_probe_interval cannot be lower than 1 second`},
+		{"probe port negative", `node_probe_port = -1`,
+			`node_probe_port -1 is not a valid port: must be between 1 and 65535, or 0 to ping with ICMP`},
+		{"probe port range", `node_probe_port = 65536`,
+			`node_probe_port 65536 is not a valid port: must be between 1 and 65535, or 0 to ping with ICMP`},
 		{"passing threshold", `passing_threshold = -1`, `passing_threshold cannot be negative`},
 		{"critical threshold", `critical_threshold = -2`, `critical_threshold cannot be negative`},
 		{"log level", `log_level = "verbose"`,
@@ -520,6 +530,8 @@ func TestConfigValidation(t *testing.T) {
 		{"session ttl too long", `session_ttl = "25h"`, `session_ttl "25h0m0s" must be between 1s and 24h0m0s`},
 		{"negative lock delay", `lock_delay = "-1s"`, `lock_delay "-1s" must be between 0s and 1m0s`},
 		{"lock delay too long", `lock_delay = "61s"`, `lock_delay "1m1s" must be between 0s and 1m0s`},
+		{"negative tls expiry warning", `tls_expiry_warning = "-1h"`,
+			`tls_expiry_warning "-1h0m0s" cannot be negative: it is how long before a certificate expires its checks turn warning (0 turns this off)`},
 		{"negative retention", "telemetry {\n prometheus_retention_time = \"-1m\"\n}", `telemetry.prometheus_retention_time cannot be negative`},
 		{"client address no port", `client_address = "127.0.0.1"`,
 			`client_address "127.0.0.1" is not a valid host:port: address 127.0.0.1: missing port in address`},
@@ -828,13 +840,23 @@ func TestConfigKeysList(t *testing.T) {
 			t.Errorf("missing %q", k)
 		}
 	}
-	if len(keys) != 42+1+22 {
-		t.Errorf("got %d keys, want %d (42 top-level + telemetry + 22 telemetry keys)", len(keys), 42+1+22)
+	if len(keys) != 44+1+23 {
+		t.Errorf("got %d keys, want %d (44 top-level + telemetry + 23 telemetry keys)", len(keys), 44+1+23)
 	}
 }
 
 // writeTestCert writes a self-signed CA-capable certificate and its key as PEM files.
 func writeTestCert(t *testing.T, dir, name string) (certPath, keyPath string) {
+	t.Helper()
+	certPEM, keyPEM := newTestCertPEM(t, name, time.Now().Add(time.Hour))
+	certPath = writeConfigFile(t, dir, name+".pem", string(certPEM))
+	keyPath = writeConfigFile(t, dir, name+"-key.pem", string(keyPEM))
+	return certPath, keyPath
+}
+
+// newTestCertPEM makes a self-signed CA-capable certificate for the loopback addresses (127.0.0.1,
+// ::1, localhost) that expires at notAfter, and its key, PEM-encoded.
+func newTestCertPEM(t *testing.T, name string, notAfter time.Time) (certPEM, keyPEM []byte) {
 	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
@@ -843,12 +865,14 @@ func writeTestCert(t *testing.T, dir, name string) (certPath, keyPath string) {
 	tmpl := &x509.Certificate{
 		SerialNumber:          big.NewInt(1),
 		Subject:               pkix.Name{CommonName: name},
-		NotBefore:             time.Now().Add(-time.Hour),
-		NotAfter:              time.Now().Add(time.Hour),
+		NotBefore:             notAfter.Add(-365 * 24 * time.Hour),
+		NotAfter:              notAfter,
 		IsCA:                  true,
 		BasicConstraintsValid: true,
 		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature,
 		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth, x509.ExtKeyUsageServerAuth},
+		IPAddresses:           []net.IP{net.IPv4(127, 0, 0, 1), net.IPv6loopback},
+		DNSNames:              []string{"localhost"},
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
 	if err != nil {
@@ -858,9 +882,8 @@ func writeTestCert(t *testing.T, dir, name string) (certPath, keyPath string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	certPath = writeConfigFile(t, dir, name+".pem", string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})))
-	keyPath = writeConfigFile(t, dir, name+"-key.pem", string(pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER})))
-	return certPath, keyPath
+	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}),
+		pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER})
 }
 
 func TestConfigHTTPSTLSConfig(t *testing.T) {

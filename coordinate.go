@@ -5,8 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"net"
 	"os"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -29,6 +31,11 @@ const (
 
 	// segmentMetaKey is the node meta key Consul uses for a node's network segment.
 	segmentMetaKey = "consul-network-segment"
+
+	// probePortMetaKey names a TCP port in a probe node's meta: the node is then probed by a TCP
+	// connect to that port instead of an ICMP echo, for networks that drop ICMP (upstream issue
+	// #111). It wins over node_probe_port.
+	probePortMetaKey = "external-probe-port"
 
 	// localCoordTTL bounds how stale the cached coordinate of the local agent may be. Vivaldi
 	// coordinates drift slowly, so re-reading /v1/agent/self for every ping (as the original did)
@@ -63,9 +70,10 @@ type pinger interface {
 }
 
 // NodeProber pings the probe nodes assigned to this instance (external nodes with
-// external-probe=true) and keeps their node-level health in the catalog: it writes the
-// externalNodeHealth check, records the first-failure time at <kv>probes/<node>, reaps nodes that
-// stay unreachable for node_reconnect_timeout, and updates their network coordinates.
+// external-probe=true), by ICMP or, where a port is configured, by a TCP connect, and keeps their
+// node-level health in the catalog: it writes the externalNodeHealth check, records the
+// first-failure time at <kv>probes/<node>, reaps nodes that stay unreachable for
+// node_reconnect_timeout, and updates their network coordinates.
 //
 // One scheduler goroutine spreads the pings evenly over node_probe_interval; every ping runs in its
 // own goroutine, at most one per node. A blocking catalog watch keeps node addresses and
@@ -76,8 +84,10 @@ type NodeProber struct {
 	agent  *Agent
 	logger hclog.Logger
 
-	// pinger sends the pings; set it before Run (tests inject failures through it).
-	pinger pinger
+	// pinger sends the ICMP pings and tcpPinger the TCP connects (probePortMetaKey,
+	// node_probe_port); set them before Run (tests inject failures through them).
+	pinger    pinger
+	tcpPinger pinger
 
 	// changed wakes the scheduler after SetNodes; wakeWatch wakes the catalog watch, which idles
 	// while there is nothing to probe. Both hold at most one pending signal.
@@ -107,6 +117,10 @@ type nodeRecord struct {
 	Address     string
 	Segment     string
 	ModifyIndex uint64
+	// ProbePort is the port of probePortMetaKey (0: none); BadProbePort holds the meta value when it
+	// is not a port, and the node is then not probed at all (see probeTarget).
+	ProbePort    int
+	BadProbePort string
 }
 
 // nodeState is the prober's memory of one assigned node. Every field is guarded by NodeProber.mu.
@@ -150,6 +164,7 @@ func newNodeProber(a *Agent) *NodeProber {
 		agent:       a,
 		logger:      a.logger.Named("probes"),
 		pinger:      icmpPinger{privileged: func() bool { return a.config().PingType == "socket" }},
+		tcpPinger:   tcpPinger{dial: (&net.Dialer{KeepAlive: -1}).DialContext},
 		changed:     make(chan struct{}, 1),
 		wakeWatch:   make(chan struct{}, 1),
 		consulSlots: make(chan struct{}, maxConsulCalls),
@@ -543,8 +558,12 @@ func (p *NodeProber) consulCall(ctx context.Context, f func() error) error {
 // survives.
 func (p *NodeProber) probe(ctx context.Context, node string, st *nodeState, rec nodeRecord) {
 	cfg := p.agent.config()
+	if rec.BadProbePort != "" {
+		return // logged when the catalog showed it; probing some other way would mislead
+	}
+	pinger, addr, icmp := p.probeTarget(cfg, rec)
 	pctx, cancel := context.WithTimeout(ctx, cfg.PingTimeout)
-	rtt, err := p.pinger.Ping(pctx, rec.Address)
+	rtt, err := pinger.Ping(pctx, addr)
 	cancel()
 	if ctx.Err() != nil {
 		return
@@ -561,19 +580,36 @@ func (p *NodeProber) probe(ctx context.Context, node string, st *nodeState, rec 
 	if !p.owns(node, st) {
 		return
 	}
-	if err != nil {
+	if icmp {
+		// An ICMP ping went out, so the permission problem (if any) is over; a TCP connect says
+		// nothing about it.
 		p.permissionLogged.Store(false)
+	}
+	if err != nil {
 		p.logger.Warn("could not ping node", "node", node, "error", err)
 		p.nodeFailed(ctx, node, st, rec)
 		return
 	}
-	p.permissionLogged.Store(false)
 	p.nodeAlive(ctx, node, st)
 	if !cfg.DisableCoordinateUpdates {
 		if err := p.updateCoordinate(ctx, node, st, rec, rtt); err != nil && ctx.Err() == nil {
 			p.logger.Warn("could not update coordinate for node", "node", node, "error", err)
 		}
 	}
+}
+
+// probeTarget picks how a node is probed: a TCP connect when its meta or node_probe_port names a
+// port, an ICMP echo otherwise. Either way the outcome means the same (externalNodeHealth, failure
+// markers, reaping) and the round trip moves the node's coordinate.
+func (p *NodeProber) probeTarget(cfg *Config, rec nodeRecord) (pg pinger, addr string, icmp bool) {
+	port := rec.ProbePort
+	if port == 0 {
+		port = cfg.NodeProbePort
+	}
+	if port == 0 {
+		return p.pinger, rec.Address, true
+	}
+	return p.tcpPinger, net.JoinHostPort(rec.Address, strconv.Itoa(port)), false
 }
 
 func (p *NodeProber) markerKey(node string) string { return p.agent.kvPath() + "probes/" + node }
@@ -866,7 +902,16 @@ func (p *NodeProber) waitForNodes(ctx context.Context) bool {
 }
 
 func recordOf(n *api.Node) *nodeRecord {
-	return &nodeRecord{ID: n.ID, Address: n.Address, Segment: n.Meta[segmentMetaKey], ModifyIndex: n.ModifyIndex}
+	rec := &nodeRecord{ID: n.ID, Address: n.Address, Segment: n.Meta[segmentMetaKey], ModifyIndex: n.ModifyIndex}
+	if v, ok := n.Meta[probePortMetaKey]; ok {
+		port, err := strconv.Atoi(v)
+		if err != nil || port < 1 || port > 65535 {
+			rec.BadProbePort = v
+		} else {
+			rec.ProbePort = port
+		}
+	}
+	return rec
 }
 
 // setCatalog replaces the catalog view. A changed ModifyIndex means the node was re-registered or
@@ -877,6 +922,7 @@ func (p *NodeProber) setCatalog(list []*api.Node) {
 		next[n.Node] = recordOf(n)
 	}
 	p.mu.Lock()
+	prev := p.catalog
 	changed := !p.catIndex || len(next) != len(p.catalog)
 	for name, rec := range next {
 		old, ok := p.catalog[name]
@@ -894,6 +940,14 @@ func (p *NodeProber) setCatalog(list []*api.Node) {
 	}
 	p.catalog, p.catIndex = next, true
 	p.mu.Unlock()
+	for name, rec := range next {
+		if rec.BadProbePort != "" && (prev[name] == nil || *prev[name] != *rec) {
+			// Not probed rather than probed by ICMP or marked critical: a typo must not get a node
+			// reaped after node_reconnect_timeout.
+			p.logger.Error("Not probing node: invalid node meta "+probePortMetaKey+", want a port between 1 and 65535",
+				"node", name, "value", rec.BadProbePort)
+		}
+	}
 	if changed {
 		p.logger.Info("Fetched nodes from catalog", "count", len(list))
 	}
@@ -1054,6 +1108,28 @@ func (ip icmpPinger) Ping(ctx context.Context, addr string) (time.Duration, erro
 		return 0, fmt.Errorf("ping to %q timed out", addr)
 	}
 	return stats.MaxRtt, nil
+}
+
+// tcpPinger probes a node with a TCP connect, for networks that drop ICMP. The round trip is the
+// time the connect takes (SYN to SYN-ACK), which is one network round trip like an ICMP echo. Only a
+// completed connect counts as alive: a refused connection may come from a firewall or load balancer
+// in front of the node as easily as from the node, so the port must be one the node listens on.
+type tcpPinger struct {
+	dial dialFunc
+}
+
+func (tp tcpPinger) Ping(ctx context.Context, addr string) (time.Duration, error) {
+	start := time.Now()
+	conn, err := tp.dial(ctx, "tcp", addr)
+	if err != nil {
+		if ctx.Err() != nil {
+			return 0, fmt.Errorf("TCP connect to %q timed out", addr)
+		}
+		return 0, fmt.Errorf("TCP connect to %q: %w", addr, err)
+	}
+	rtt := time.Since(start)
+	_ = conn.Close()
+	return rtt, nil
 }
 
 // pingPermissionError means this process may not open the ICMP socket ping_type asks for. It says

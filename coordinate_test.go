@@ -219,24 +219,48 @@ func nodeExists(t *testing.T, c *api.Client, node string) bool {
 	return cn != nil && cn.Node != nil
 }
 
+// waitCoordinate waits until Consul holds a valid network coordinate for node.
+func waitCoordinate(t *testing.T, c *api.Client, node string) {
+	t.Helper()
+	waitFor(t, 15*time.Second, func() error {
+		entries, _, err := c.Coordinate().Node(node, nil)
+		if err != nil {
+			return err
+		}
+		if len(entries) == 0 || entries[0].Coord == nil || !entries[0].Coord.IsValid() {
+			return fmt.Errorf("no coordinate for %s yet", node)
+		}
+		return nil
+	})
+}
+
 // icmpPingType returns a ping_type that works on this machine, or skips the test saying why none
 // does.
 func icmpPingType(t *testing.T) string {
 	t.Helper()
-	c, udpErr := icmp.ListenPacket("udp4", "127.0.0.1")
+	pingType, whyNot := icmpPingTypeAt("udp4", "ip4:icmp", "127.0.0.1")
+	if pingType == "" {
+		t.Skip(whyNot)
+	}
+	return pingType
+}
+
+// icmpPingTypeAt finds the ping_type that works for one address family, given the unprivileged and
+// raw ICMP networks to try on the loopback address addr; "" and the reason when neither does.
+func icmpPingTypeAt(udpNet, rawNet, addr string) (pingType, whyNot string) {
+	c, udpErr := icmp.ListenPacket(udpNet, addr)
 	if udpErr == nil {
 		c.Close()
-		return "udp"
+		return "udp", ""
 	}
-	c, rawErr := icmp.ListenPacket("ip4:icmp", "127.0.0.1")
+	c, rawErr := icmp.ListenPacket(rawNet, addr)
 	if rawErr == nil {
 		c.Close()
-		return "socket"
+		return "socket", ""
 	}
 	rng, _ := os.ReadFile("/proc/sys/net/ipv4/ping_group_range")
-	t.Skipf("cannot send real ICMP pings here: unprivileged ICMP sockets are refused (net.ipv4.ping_group_range=%q does not cover gid %d: %v) "+
+	return "", fmt.Sprintf("cannot send real ICMP pings here: unprivileged ICMP sockets are refused (net.ipv4.ping_group_range=%q does not cover gid %d: %v) "+
 		"and raw ICMP sockets need root or CAP_NET_RAW (%v)", strings.Join(strings.Fields(string(rng)), " "), os.Getgid(), udpErr, rawErr)
-	return ""
 }
 
 // TestNodeProbeRealPing runs the whole agent with the real pinger: the leader assigns the probe
@@ -250,16 +274,7 @@ func TestNodeProbeRealPing(t *testing.T) {
 	registerExternalNode(t, srv.Client, "ext-real", true)
 
 	waitNodeCheck(t, srv.Client, "ext-real", api.HealthPassing)
-	waitFor(t, 15*time.Second, func() error {
-		entries, _, err := srv.Client.Coordinate().Node("ext-real", nil)
-		if err != nil {
-			return err
-		}
-		if len(entries) == 0 || entries[0].Coord == nil || !entries[0].Coord.IsValid() {
-			return errors.New("no coordinate for ext-real yet")
-		}
-		return nil
-	})
+	waitCoordinate(t, srv.Client, "ext-real")
 	if n, up := ra.prober.Stats(); n != 1 || up != 1 {
 		t.Fatalf("Stats() = %d nodes, %d reachable; want 1, 1", n, up)
 	}

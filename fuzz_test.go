@@ -110,7 +110,7 @@ func TestHostileProbeTargets(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 			defer cancel()
 			start := time.Now()
-			status, output := probe(ctx)
+			status, output := probe(ctx, nil)
 			if status != statusCritical || output == "" {
 				t.Fatalf("status %q output %q", status, output)
 			}

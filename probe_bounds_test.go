@@ -141,7 +141,7 @@ func TestProbeHTTPReadsAreBounded(t *testing.T) {
 				runtime.GC()
 				rss0 := processRSS()
 				start := time.Now()
-				status, out := probe(context.Background())
+				status, out := probe(context.Background(), nil)
 				elapsed := time.Since(start)
 				grew := processRSS() - rss0
 				t.Logf("OutputMaxSize %d: %s after %s, read %d bytes, RSS %+d bytes, output %d bytes",

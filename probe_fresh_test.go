@@ -218,7 +218,7 @@ func TestProbeSeesClosedListener(t *testing.T) {
 				t.Fatal(err)
 			}
 			for i := 1; i <= 3; i++ {
-				if status, out := probe(context.Background()); status != statusPassing {
+				if status, out := probe(context.Background(), nil); status != statusPassing {
 					t.Fatalf("run %d: (%q, %q)", i, status, out)
 				}
 				// A TCP connect completes in the kernel before the server's Accept returns.
@@ -230,7 +230,7 @@ func TestProbeSeesClosedListener(t *testing.T) {
 				})
 			}
 			srv.ln.Close()
-			status, out := probe(context.Background())
+			status, out := probe(context.Background(), nil)
 			if status != statusCritical || !strings.Contains(out, "refused") {
 				t.Fatalf("run after the listener closed: (%q, %q), want critical, connection refused", status, out)
 			}
@@ -254,11 +254,11 @@ func TestProbeSeesReplacedCertificate(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if status, out := probe(context.Background()); status != statusPassing {
+			if status, out := probe(context.Background(), nil); status != statusPassing {
 				t.Fatalf("valid certificate: (%q, %q)", status, out)
 			}
 			srv.cert.Store(&pki.expired)
-			status, out := probe(context.Background())
+			status, out := probe(context.Background(), nil)
 			if status != statusCritical || !strings.Contains(out, "expired") {
 				t.Fatalf("after the certificate expired: (%q, %q), want critical naming the expiry", status, out)
 			}
@@ -305,11 +305,11 @@ func TestProbeResolvesEveryRun(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if status, out := probe(context.Background()); status != statusPassing {
+			if status, out := probe(context.Background(), nil); status != statusPassing {
 				t.Fatalf("first run: (%q, %q)", status, out)
 			}
 			current.Store(&moved)
-			status, out := probe(context.Background())
+			status, out := probe(context.Background(), nil)
 			if status != statusCritical || !strings.Contains(out, "refused") {
 				t.Fatalf("run after the name moved: (%q, %q), want critical, connection refused", status, out)
 			}

@@ -27,6 +27,8 @@ var reloadableFields = map[string]string{
 	"PassingThreshold":    "passing_threshold",
 	"CriticalThreshold":   "critical_threshold",
 	"CheckUpdateInterval": "check_update_interval",
+	"TLSExpiryWarning":    "tls_expiry_warning",
+	"NodeProbePort":       "node_probe_port",
 	"HTTPSCAFile":         "https_ca_file",
 	"HTTPSCAPath":         "https_ca_path",
 	"HTTPSCertFile":       "https_cert_file",
@@ -78,9 +80,11 @@ var notFromFiles = []string{
 	"QueryWaitTime", "KeeperInterval", "ReapInterval",
 }
 
-// reloadableTelemetryFields can change at runtime: go-metrics swaps its prefix filter atomically.
-// Every other telemetry key builds sinks and needs a restart.
+// reloadableTelemetryFields can change at runtime: go-metrics swaps its prefix filter atomically, and
+// the per-check series are read at scrape time. Every other telemetry key builds sinks and needs a
+// restart.
 var reloadableTelemetryFields = map[string]string{
+	"PerCheckMetrics": "per_check_metrics",
 	"PrefixFilter":    "prefix_filter",
 	"AllowedPrefixes": "prefix_filter",
 	"BlockedPrefixes": "prefix_filter",
@@ -142,9 +146,12 @@ func planReload(running, loaded *Config) (*reloadPlan, error) {
 	next.PassingThreshold = loaded.PassingThreshold
 	next.CriticalThreshold = loaded.CriticalThreshold
 	next.CheckUpdateInterval = loaded.CheckUpdateInterval
+	next.TLSExpiryWarning = loaded.TLSExpiryWarning
+	next.NodeProbePort = loaded.NodeProbePort
 	next.HTTPSCAFile, next.HTTPSCAPath = loaded.HTTPSCAFile, loaded.HTTPSCAPath
 	next.HTTPSCertFile, next.HTTPSKeyFile = loaded.HTTPSCertFile, loaded.HTTPSKeyFile
 	next.Telemetry.PrefixFilter = loaded.Telemetry.PrefixFilter
+	next.Telemetry.PerCheckMetrics = loaded.Telemetry.PerCheckMetrics
 	next.Telemetry.AllowedPrefixes = loaded.Telemetry.AllowedPrefixes
 	next.Telemetry.BlockedPrefixes = loaded.Telemetry.BlockedPrefixes
 

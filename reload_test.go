@@ -77,12 +77,14 @@ func TestPlanReloadKeepsRestartOnlyFields(t *testing.T) {
 	loaded.Token = "new"
 	loaded.PassingThreshold, loaded.CriticalThreshold = 2, 3
 	loaded.CheckUpdateInterval = time.Minute
+	loaded.TLSExpiryWarning = 336 * time.Hour
 	loaded.KVPath = "elsewhere/"
 	loaded.Tag = "blue"
 	loaded.NodeMeta = map[string]string{"external-node": "true", "dc": "x"}
 	loaded.Telemetry.PrefixFilter = []string{"-esm.agent"}
 	loaded.Telemetry.BlockedPrefixes = []string{"esm.agent"}
 	loaded.Telemetry.StatsdAddr = "127.0.0.1:8125"
+	loaded.Telemetry.PerCheckMetrics = true
 
 	plan, err := planReload(running, loaded)
 	if err != nil {
@@ -90,7 +92,7 @@ func TestPlanReloadKeepsRestartOnlyFields(t *testing.T) {
 	}
 	n := plan.next
 	if n.LogLevel != "DEBUG" || n.Token != "new" || plan.token != "new" || n.PassingThreshold != 2 ||
-		n.CriticalThreshold != 3 || n.CheckUpdateInterval != time.Minute ||
+		n.CriticalThreshold != 3 || n.CheckUpdateInterval != time.Minute || n.TLSExpiryWarning != 336*time.Hour || !n.Telemetry.PerCheckMetrics ||
 		!slices.Equal(n.Telemetry.BlockedPrefixes, []string{"esm.agent"}) {
 		t.Errorf("reloadable fields not applied: %+v", n)
 	}
@@ -102,7 +104,7 @@ func TestPlanReloadKeepsRestartOnlyFields(t *testing.T) {
 	if !slices.Equal(plan.restartKeys, wantRestart) {
 		t.Errorf("restart keys = %v, want %v", plan.restartKeys, wantRestart)
 	}
-	wantChanged := []string{"check_update_interval", "critical_threshold", "log_level", "passing_threshold", "telemetry.prefix_filter", "token"}
+	wantChanged := []string{"check_update_interval", "critical_threshold", "log_level", "passing_threshold", "telemetry.per_check_metrics", "telemetry.prefix_filter", "tls_expiry_warning", "token"}
 	if !slices.Equal(plan.changed, wantChanged) {
 		t.Errorf("changed = %v, want %v", plan.changed, wantChanged)
 	}

@@ -92,6 +92,7 @@ type telemetry struct {
 	inmem   *metrics.InmemSink
 	signal  *metrics.InmemSignal
 	sink    *guardedSink
+	config  *metrics.Config // how keys are named (prefix, hostname)
 
 	// registry is nil when Prometheus is disabled (prometheus_retention_time = 0). It is ours rather
 	// than prometheus.DefaultRegisterer so that several agents in one process (tests) do not collide.
@@ -159,6 +160,7 @@ func newTelemetry(cfg *Config, logger hclog.Logger) (*telemetry, error) {
 	}
 
 	t.sink = &guardedSink{inner: fanout}
+	t.config = mc
 	m, err := metrics.NewGlobal(mc, t.sink)
 	if err != nil {
 		return fail(fmt.Errorf("initializing metrics: %w", err))
@@ -203,15 +205,7 @@ func newPrometheusSink(mc *metrics.Config, tc TelemetryConfig) (*prometheus.Regi
 		opts.Name = invalidPromNameChars.ReplaceAllString(tc.MetricsPrefix, "_")
 	}
 	for _, d := range esmMetrics {
-		name := d.key
-		// Gauges are emitted as [prefix, hostname, key...]: pre-register that exact series, or the
-		// help text would sit on a series that stays at zero forever next to the real one.
-		if d.kind == gaugeMetric && mc.EnableHostname && mc.HostName != "" {
-			name = append([]string{mc.HostName}, name...)
-		}
-		if mc.ServiceName != "" {
-			name = append([]string{mc.ServiceName}, name...)
-		}
+		name := emittedKey(mc, d)
 		switch d.kind {
 		case gaugeMetric:
 			opts.GaugeDefinitions = append(opts.GaugeDefinitions, prometheussink.GaugeDefinition{Name: name, Help: d.help, ConstLabels: d.labels})
@@ -226,6 +220,25 @@ func newPrometheusSink(mc *metrics.Config, tc TelemetryConfig) (*prometheus.Regi
 		return nil, nil, fmt.Errorf("creating prometheus sink: %w", err)
 	}
 	return reg, sink, nil
+}
+
+// emittedKey is the key go-metrics hands its sinks for d: [metrics_prefix, hostname (gauges only,
+// unless disable_hostname), key...]. Pre-registering that exact series matters, or the help text
+// would sit on a series that stays at zero forever next to the real one.
+func emittedKey(mc *metrics.Config, d metricDef) []string {
+	name := d.key
+	if d.kind == gaugeMetric && mc.EnableHostname && mc.HostName != "" {
+		name = append([]string{mc.HostName}, name...)
+	}
+	if mc.ServiceName != "" {
+		name = append([]string{mc.ServiceName}, name...)
+	}
+	return name
+}
+
+// promName flattens a go-metrics key into a Prometheus metric name as the Prometheus sink does.
+func promName(key []string) string {
+	return invalidPromNameChars.ReplaceAllString(strings.Join(key, "_"), "_")
 }
 
 // Close stops the SIGUSR1 handler and shuts the sinks down (statsd/statsite/dogstatsd flush
