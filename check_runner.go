@@ -480,9 +480,25 @@ func (r *CheckRunner) raiseKnown(index uint64) {
 	}
 }
 
-// indexProbeInterval is how often watchIndex asks for the checks table's index: half the shortest
-// check interval (1 s), so a regression is noticed within one interval of any check.
-const indexProbeInterval = minCheckInterval / 2
+// indexProbeGap is the pause before watchIndex's next probe: half the shortest interval among the
+// held checks, so a regression is noticed within one interval of any check, at a cost that follows
+// the checks (10 s checks: one request per 5 s). It is never under half the interval floor; zero
+// means no check is held, so there is nothing to protect and no request to send. A check added
+// with a shorter interval than any before is covered from the next probe on.
+func (r *CheckRunner) indexProbeGap() time.Duration {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var shortest time.Duration
+	for _, st := range r.states {
+		if t := st.task; t != nil && (shortest == 0 || t.interval < shortest) {
+			shortest = t.interval
+		}
+	}
+	if shortest == 0 {
+		return 0
+	}
+	return max(shortest, r.minInterval) / 2
+}
 
 // watchIndex notices a regression of Consul's state the loader cannot see: after a snapshot
 // restore the checks table may be back at an index at or below the one the loader waits on, and
@@ -491,7 +507,8 @@ const indexProbeInterval = minCheckInterval / 2
 // node's checks: a tiny answer carrying it) and, when it is below what Consul had confirmed before
 // the request was sent, makes the loader take the catalog's copies at once.
 func (r *CheckRunner) watchIndex(ctx context.Context) {
-	t := time.NewTicker(indexProbeInterval)
+	idle := r.minInterval / 2
+	t := time.NewTimer(idle)
 	defer t.Stop()
 	for {
 		select {
@@ -499,9 +516,12 @@ func (r *CheckRunner) watchIndex(ctx context.Context) {
 			return
 		case <-t.C:
 		}
-		if _, checks, _ := r.Stats(); checks == 0 {
+		gap := r.indexProbeGap()
+		if gap == 0 {
+			t.Reset(idle)
 			continue
 		}
+		t.Reset(gap)
 		known := r.known.Load()
 		q := r.agent.queryOptions(ctx)
 		q.Namespace = r.namespaceWildcard() // the loads' scope, so the indexes compare

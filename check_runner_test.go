@@ -1189,6 +1189,34 @@ func TestCheckRunnerConvergesAfterSnapshotRestore(t *testing.T) {
 	}
 }
 
+// TestIndexProbeGap: the regression probe follows the shortest held interval (half of it), never
+// goes under half the interval floor, and sends nothing while no check is held.
+func TestIndexProbeGap(t *testing.T) {
+	for _, tc := range []struct {
+		name      string
+		intervals []time.Duration
+		want      time.Duration
+	}{
+		{"no checks", nil, 0},
+		{"one 10s check", []time.Duration{10 * time.Second}, 5 * time.Second},
+		{"shortest wins", []time.Duration{30 * time.Second, 4 * time.Second, time.Minute}, 2 * time.Second},
+		{"floor", []time.Duration{200 * time.Millisecond}, 500 * time.Millisecond},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := &CheckRunner{minInterval: time.Second, states: map[string]*checkState{}}
+			for i, iv := range tc.intervals {
+				st := &checkState{key: fmt.Sprint(i)}
+				st.task = &checkTask{st: st, interval: iv}
+				r.states[st.key] = st
+			}
+			r.states["stopped"] = &checkState{key: "stopped"} // held but not running: no interval
+			if got := r.indexProbeGap(); got != tc.want {
+				t.Errorf("indexProbeGap() = %s, want %s", got, tc.want)
+			}
+		})
+	}
+}
+
 // TestReconcileOlderCopy: a catalog copy older than the runner's is a stale read unless the state
 // it came from covers the runner's index (then the catalog went back) or a regression was seen.
 func TestReconcileOlderCopy(t *testing.T) {

@@ -90,7 +90,7 @@ type Config struct {
 	// instance died, and how long a stall they forgive.
 	AgentTTL           time.Duration // instance_ttl, 7s: TTL of the instance's check (agent mode)
 	TTLRefreshInterval time.Duration // instance_ttl_refresh, 1.5s: how often that check is passed
-	SessionTTL         time.Duration // session_ttl, 10s: TTL of the leader session (and agentless health session)
+	SessionTTL         time.Duration // session_ttl, 15s (the original's): TTL of the leader session (and agentless health session), renewed every half TTL
 	LockDelay          time.Duration // lock_delay, 500ms: lock delay of the leader session
 
 	// Internal timings, not settable from files.
@@ -188,7 +188,7 @@ func DefaultConfig() *Config {
 		TTLRefreshInterval:        1500 * time.Millisecond,
 		DeregisterAfter:           30 * time.Minute,
 		RetryInterval:             10 * time.Second,
-		SessionTTL:                10 * time.Second,
+		SessionTTL:                15 * time.Second,
 		LockDelay:                 500 * time.Millisecond,
 		QueryWaitTime:             45 * time.Second,
 		KeeperInterval:            30 * time.Second,

@@ -87,7 +87,7 @@ func TestConfigDefaults(t *testing.T) {
 		TTLRefreshInterval:        1500 * time.Millisecond,
 		DeregisterAfter:           30 * time.Minute,
 		RetryInterval:             10 * time.Second,
-		SessionTTL:                10 * time.Second,
+		SessionTTL:                15 * time.Second,
 		LockDelay:                 500 * time.Millisecond,
 		QueryWaitTime:             45 * time.Second,
 		KeeperInterval:            30 * time.Second,
