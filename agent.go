@@ -420,7 +420,7 @@ func newAgentStatus() *agentStatus {
 func (s *agentStatus) setTTLCurrent(ok bool) {
 	s.ttlCurrent.Store(ok)
 	if ok {
-		signalChan(s.ttlRefreshed)
+		wake(s.ttlRefreshed)
 	}
 }
 
@@ -443,7 +443,7 @@ func (s *agentStatus) setAssignmentErr(msg *string) { s.assignmentErr.Store(msg)
 func (s *agentStatus) contact() {
 	s.lastContact.Store(time.Now().UnixNano())
 	if s.consulErr.Swap(nil) != nil {
-		signalChan(s.recovered)
+		wake(s.recovered)
 	}
 }
 

@@ -31,10 +31,6 @@ const (
 	// minCheckInterval is the floor for intervals; shorter ones are raised with a warning.
 	minCheckInterval = time.Second
 
-	// externalNodeHealthCheckID is the node-liveness check written by the prober (coordinate.go);
-	// the check runner never runs it.
-	externalNodeHealthCheckID = "externalNodeHealth"
-
 	// maxFilterNodes and maxFilterURLBytes bound the server-side filter expression that limits the
 	// health query to our own nodes. Beyond them the query falls back to the node-meta filter alone
 	// and filters on our side: a request line longer than ~8 KiB is refused by common proxies, and
@@ -262,7 +258,7 @@ func (r *CheckRunner) SetNodes(nodes []string) {
 	}
 	r.nodesMu.Unlock()
 	r.dropUnassigned(nodes)
-	signalChan(r.nodesChanged)
+	wake(r.nodesChanged)
 }
 
 // dropUnassigned stops the checks of nodes not in nodes (sorted).
@@ -355,14 +351,6 @@ func waitWake(ctx context.Context, timer *time.Timer, wait time.Duration, wake <
 	case <-timer.C:
 	}
 	return true
-}
-
-// signalChan does a non-blocking send on a one-slot wake-up channel.
-func signalChan(ch chan struct{}) {
-	select {
-	case ch <- struct{}{}:
-	default:
-	}
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -536,7 +524,7 @@ func (r *CheckRunner) watchIndex(ctx context.Context) {
 			r.cancelQuery()
 		}
 		r.nodesMu.Unlock()
-		signalChan(r.nodesChanged)
+		wake(r.nodesChanged)
 	}
 }
 
@@ -1195,7 +1183,7 @@ func (s *checkScheduler) add(t *checkTask, first time.Time) {
 	top := t.index == 0
 	s.mu.Unlock()
 	if top {
-		signalChan(s.wake)
+		wake(s.wake)
 	}
 }
 
@@ -1233,7 +1221,7 @@ func (s *checkScheduler) finished(t *checkTask) {
 	top := t.index == 0
 	s.mu.Unlock()
 	if top {
-		signalChan(s.wake)
+		wake(s.wake)
 	}
 }
 
@@ -1306,7 +1294,7 @@ func (s *checkScheduler) worker(ctx context.Context, t *checkTask) {
 		s.mu.Lock()
 		s.idleWs = append(s.idleWs, inbox)
 		s.mu.Unlock()
-		signalChan(s.workerFree)
+		wake(s.workerFree)
 		var stopping bool
 		select {
 		case t = <-inbox:
@@ -1326,7 +1314,7 @@ func (s *checkScheduler) worker(ctx context.Context, t *checkTask) {
 		}
 		s.workers--
 		s.mu.Unlock()
-		signalChan(s.workerFree)
+		wake(s.workerFree)
 		return
 	}
 }

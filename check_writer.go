@@ -115,7 +115,7 @@ func (w *checkWriter) enqueue(st *checkState) {
 	n := len(w.pending)
 	w.mu.Unlock()
 	if n == 1 || n >= maxTxnOps {
-		signalChan(w.wake)
+		wake(w.wake)
 	}
 }
 
@@ -132,7 +132,7 @@ func (w *checkWriter) deferWrite(st *checkState, d time.Duration) {
 	top := w.deferred[0].st == st && w.deferred[0].n == st.deferN
 	w.mu.Unlock()
 	if top {
-		signalChan(w.wake)
+		wake(w.wake)
 	}
 }
 

@@ -22,12 +22,13 @@ import (
 )
 
 // The node-level check's ID, name and outputs are the original's: dashboards, alerts and ACL
-// policies written against them keep working after a binary swap.
+// policies written against them keep working after a binary swap. The check runner never runs
+// externalNodeHealth: only the node prober writes it.
 const (
-	externalCheckID    = "externalNodeHealth"
-	externalCheckName  = "External Node Status"
-	nodeAliveOutput    = "Node alive or reachable"
-	nodeCriticalOutput = "Node not live or unreachable"
+	externalNodeHealthCheckID = "externalNodeHealth"
+	externalCheckName         = "External Node Status"
+	nodeAliveOutput           = "Node alive or reachable"
+	nodeCriticalOutput        = "Node not live or unreachable"
 
 	// segmentMetaKey is the node meta key Consul uses for a node's network segment.
 	segmentMetaKey = "consul-network-segment"
@@ -238,14 +239,6 @@ func (p *NodeProber) Run(ctx context.Context) {
 	wg.Wait()
 }
 
-// wake leaves a wake-up in a one-slot channel without blocking.
-func wake(ch chan struct{}) {
-	select {
-	case ch <- struct{}{}:
-	default:
-	}
-}
-
 // probeCycle is the scheduler's round-robin order. Changes keep the order of the nodes that stay
 // and put newcomers at random places, so a reassignment neither restarts the cycle nor bunches
 // the new nodes' pings together.
@@ -431,7 +424,7 @@ func (p *NodeProber) prefetchMarkers(ctx context.Context, fresh []string) {
 // a node comes a full refresh interval later, like that of a node we wrote ourselves.
 func (p *NodeProber) prefetchChecks(ctx context.Context, fresh []string) {
 	q := p.agent.queryOptions(ctx)
-	q.Filter = fmt.Sprintf("CheckID == %q", externalCheckID)
+	q.Filter = fmt.Sprintf("CheckID == %q", externalNodeHealthCheckID)
 	q.AllowStale = p.agent.config().StaleReadNodes
 	checks, _, err := p.agent.client.Health().State(api.HealthAny, q)
 	if err != nil {
@@ -650,7 +643,7 @@ func (st *nodeState) needsWrite(status string, now time.Time, refresh time.Durat
 func (p *NodeProber) checkOp(node, status, output string) *api.TxnOp {
 	return &api.TxnOp{Check: &api.CheckTxnOp{Verb: api.CheckSet, Check: api.HealthCheck{
 		Node:      node,
-		CheckID:   externalCheckID,
+		CheckID:   externalNodeHealthCheckID,
 		Name:      externalCheckName,
 		Status:    status,
 		Output:    output,

@@ -153,7 +153,7 @@ func nodeHealthCheck(c *api.Client, node string) (*api.HealthCheck, error) {
 		return nil, err
 	}
 	for _, hc := range checks {
-		if hc.CheckID == externalCheckID {
+		if hc.CheckID == externalNodeHealthCheckID {
 			return hc, nil
 		}
 	}
