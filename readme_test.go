@@ -13,7 +13,7 @@ func TestReadmeDocumentsEveryConfigKey(t *testing.T) {
 		t.Fatal(err)
 	}
 	readme := string(b)
-	for _, key := range ConfigKeys() {
+	for _, key := range configFileKeys() {
 		short := strings.TrimPrefix(key, "telemetry.")
 		if !strings.Contains(readme, "| `"+short+"` |") {
 			t.Errorf("README config reference has no row for %q", key)

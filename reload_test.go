@@ -41,12 +41,12 @@ func TestReloadFieldClassification(t *testing.T) {
 	for _, key := range telemetryKeysByField() {
 		named["telemetry."+key] = true
 	}
-	for _, key := range ConfigKeys() {
+	for _, key := range configFileKeys() {
 		if !named[key] {
 			t.Errorf("config key %q has no reload classification", key)
 		}
 	}
-	keys := ConfigKeys()
+	keys := configFileKeys()
 	for field, key := range telemetryKeysByField() {
 		if field == "AllowedPrefixes" || field == "BlockedPrefixes" {
 			continue // derived from prefix_filter
