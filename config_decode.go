@@ -18,9 +18,8 @@ import (
 
 // Config decoding: LoadConfig walks the paths, parses each file (HCL v1 or JSON, one AST for both),
 // rejects unknown keys, overlays the file's keys onto the running config through the key tables,
-// then applies the environment and validates. Values are decoded from the HCL AST by hand rather
-// than with hcl.DecodeObject so that every error names its key and the error texts stay the
-// original's.
+// then applies the environment and validates. The key tables decode each value from the AST, so
+// every error names its key; a file that fails leaves the config as it was.
 
 // LoadConfig builds the config from defaults overlaid by each path in order. A path may be a file or
 // a directory (non-recursive, entries sorted by name, sub-directories skipped); only files ending in
