@@ -94,7 +94,7 @@ func TestProbeRecordsCertExpiry(t *testing.T) {
 	src, first := newCertSource(t, time.Now().Add(48*time.Hour))
 	https := tlsTarget(t, "127.0.0.1", src)
 	grpcAddr := grpcHealthServerAt(t, "127.0.0.1:0", grpc.Creds(credentials.NewTLS(src.serverConfig())))
-	p := newProber(nil)
+	p := newProbeBuilder(nil)
 	defs := tlsDefinitions(https, grpcAddr)
 	probes := map[string]probeFunc{}
 	for name, d := range defs {

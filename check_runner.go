@@ -90,7 +90,7 @@ func settingsFrom(cfg *Config) *runnerSettings {
 type CheckRunner struct {
 	agent    *Agent
 	logger   hclog.Logger
-	prober   *prober
+	prober   *probeBuilder
 	settings atomic.Pointer[runnerSettings]
 
 	// minInterval is the interval floor (minCheckInterval); tests lower it before Run.
@@ -222,7 +222,7 @@ func newCheckRunner(a *Agent, tlsCfg *tls.Config) *CheckRunner {
 	r := &CheckRunner{
 		agent:        a,
 		logger:       a.logger,
-		prober:       newProber(tlsCfg),
+		prober:       newProbeBuilder(tlsCfg),
 		minInterval:  minCheckInterval,
 		nodesChanged: make(chan struct{}, 1),
 		states:       make(map[string]*checkState),

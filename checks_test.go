@@ -26,11 +26,11 @@ import (
 // runProbe builds and runs one probe with a fresh prober.
 func runProbe(t *testing.T, d *checkDefinition, timeout time.Duration) (string, string) {
 	t.Helper()
-	p := newProber(nil)
+	p := newProbeBuilder(nil)
 	return runWith(t, p, d, timeout)
 }
 
-func runWith(t *testing.T, p *prober, d *checkDefinition, timeout time.Duration) (string, string) {
+func runWith(t *testing.T, p *probeBuilder, d *checkDefinition, timeout time.Duration) (string, string) {
 	t.Helper()
 	probe, err := p.newProbe(d, timeout)
 	if err != nil {
@@ -287,7 +287,7 @@ func TestProbeHTTPLargeBodyBounded(t *testing.T) {
 		big[i] = 'a' + byte(i%26)
 	}
 	srv := newHTTPServer(t, func(w http.ResponseWriter, r *http.Request) { w.Write(big) })
-	p := newProber(nil)
+	p := newProbeBuilder(nil)
 	probe, err := p.newProbe(&checkDefinition{HTTP: srv.URL}, 5*time.Second)
 	if err != nil {
 		t.Fatal(err)
@@ -333,7 +333,7 @@ func TestProbeHTTPTimeout(t *testing.T) {
 	}
 
 	// So does the caller's context.
-	p := newProber(nil)
+	p := newProbeBuilder(nil)
 	probe, _ := p.newProbe(&checkDefinition{HTTP: srv.URL}, time.Minute)
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
@@ -366,7 +366,7 @@ func TestProbeHTTPS(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			p := newProber(tc.base)
+			p := newProbeBuilder(tc.base)
 			d := tc.def
 			d.HTTP = srv.URL
 			status, out := runWith(t, p, &d, time.Second)
@@ -383,7 +383,7 @@ func TestProbeSetTLSReloadsExistingProbes(t *testing.T) {
 	pool := x509.NewCertPool()
 	pool.AddCert(srv.Certificate())
 
-	p := newProber(nil)
+	p := newProbeBuilder(nil)
 	probe, err := p.newProbe(&checkDefinition{HTTP: srv.URL}, time.Second)
 	if err != nil {
 		t.Fatal(err)
@@ -755,7 +755,7 @@ func TestCheckKind(t *testing.T) {
 		{"session", checkDefinition{SessionName: "s"}, "", true},
 		{"empty", checkDefinition{}, "", true},
 	}
-	p := newProber(nil)
+	p := newProbeBuilder(nil)
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			kind, why := tc.def.kind()

@@ -59,7 +59,7 @@ func FuzzCheckDefinition(f *testing.F) {
 	} {
 		f.Add([]byte(seed))
 	}
-	p := newProber(nil)
+	p := newProbeBuilder(nil)
 	f.Fuzz(func(t *testing.T, data []byte) {
 		var d checkDefinition
 		if err := json.Unmarshal(data, &d); err != nil {
@@ -88,7 +88,7 @@ func FuzzCheckDefinition(f *testing.F) {
 // TestHostileProbeTargets runs probes against targets that misbehave; each must come back critical
 // (or as Consul defines) within its timeout, with a bounded output.
 func TestHostileProbeTargets(t *testing.T) {
-	p := newProber(nil)
+	p := newProbeBuilder(nil)
 	for _, tc := range []struct {
 		name string
 		def  checkDefinition

@@ -86,7 +86,7 @@ func ipv6Checks(t *testing.T, src *certSource) []ipv6Check {
 func TestProbeIPv6(t *testing.T) {
 	needIPv6Loopback(t)
 	src, expiry := newCertSource(t, time.Now().Add(30*24*time.Hour))
-	p := newProber(nil)
+	p := newProbeBuilder(nil)
 	for _, c := range ipv6Checks(t, src) {
 		t.Run(c.id, func(t *testing.T) {
 			probe, err := p.newProbe(&c.def, 2*time.Second)

@@ -124,7 +124,7 @@ func TestProbeHTTPReadsAreBounded(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			addr, _ := hostileServer(t, tc.prefix, tc.more, streamCap)
 			for _, maxOut := range []int{0, 100} {
-				p := newProber(nil)
+				p := newProbeBuilder(nil)
 				var read atomic.Int64
 				p.dial = func(ctx context.Context, network, addr string) (net.Conn, error) {
 					c, err := (&net.Dialer{}).DialContext(ctx, network, addr)
@@ -178,7 +178,7 @@ func TestProbeOutputsAreBounded(t *testing.T) {
 	} {
 		kind, _ := d.kind()
 		t.Run(kind, func(t *testing.T) {
-			p := newProber(nil)
+			p := newProbeBuilder(nil)
 			p.dial = func(context.Context, string, string) (net.Conn, error) {
 				return nil, fmt.Errorf("dial %s: no such host", long)
 			}

@@ -211,7 +211,7 @@ func TestProbeSeesClosedListener(t *testing.T) {
 	for _, kind := range probeKinds {
 		t.Run(kind, func(t *testing.T) {
 			srv := startKindServer(t, kind, pki.valid)
-			p := newProber(&tls.Config{RootCAs: pki.pool})
+			p := newProbeBuilder(&tls.Config{RootCAs: pki.pool})
 			d := kindDefinition(kind, srv.addr)
 			probe, err := p.newProbe(&d, 2*time.Second)
 			if err != nil {
@@ -248,7 +248,7 @@ func TestProbeSeesReplacedCertificate(t *testing.T) {
 		}
 		t.Run(kind, func(t *testing.T) {
 			srv := startKindServer(t, kind, pki.valid)
-			p := newProber(&tls.Config{RootCAs: pki.pool})
+			p := newProbeBuilder(&tls.Config{RootCAs: pki.pool})
 			d := kindDefinition(kind, srv.addr)
 			probe, err := p.newProbe(&d, 2*time.Second)
 			if err != nil {
@@ -290,7 +290,7 @@ func TestProbeResolvesEveryRun(t *testing.T) {
 			current.Store(&healthy)
 			var mu sync.Mutex
 			var dialled []string
-			p := newProber(nil)
+			p := newProbeBuilder(nil)
 			p.dial = func(ctx context.Context, nw, addr string) (net.Conn, error) {
 				mu.Lock()
 				dialled = append(dialled, addr)

@@ -10,6 +10,11 @@ import (
 	"path/filepath"
 )
 
+// The TLS configs of health checks are built here and nowhere else: HTTPSTLSConfig loads the base
+// from the https_* files once per start or reload, and checkTLSConfig derives each check's config
+// from it. The Consul client's TLS (ca_file, cert_file, ... and CONSUL_CACERT and friends) is not
+// built here: APIConfig hands those paths to the api package, which loads them itself.
+
 // HTTPSTLSConfig builds the TLS config for HTTPS, TCP+TLS and gRPC+TLS health checks from the https_*
 // keys. It returns nil, nil when none is set. Callers clone it before setting per-check options.
 func (c *Config) HTTPSTLSConfig() (*tls.Config, error) {
@@ -82,4 +87,26 @@ func configAddPEMDir(pool *x509.CertPool, dir string) error {
 		return fmt.Errorf("no PEM certificates found in %q", dir)
 	}
 	return nil
+}
+
+// tlsKey identifies the per-check TLS overrides; HTTP transports are shared per key because a
+// transport's TLS config is fixed once it has dialled.
+type tlsKey struct {
+	skipVerify bool
+	serverName string
+}
+
+// checkTLSConfig returns a fresh config for one check: a clone of base (mTLS material, CAs; nil for
+// none) with the check's own verification overrides, as Consul's OutgoingTLSConfigForCheck does.
+// The result is the caller's to change.
+func checkTLSConfig(base *tls.Config, k tlsKey) *tls.Config {
+	cfg := &tls.Config{}
+	if base != nil {
+		cfg = base.Clone()
+	}
+	cfg.InsecureSkipVerify = k.skipVerify
+	if k.serverName != "" {
+		cfg.ServerName = k.serverName
+	}
+	return cfg
 }
