@@ -11,7 +11,6 @@ import (
 	"regexp"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/armon/go-metrics"
@@ -98,7 +97,6 @@ type telemetry struct {
 	// than prometheus.DefaultRegisterer so that several agents in one process (tests) do not collide.
 	registry *prometheus.Registry
 
-	httpAddr  atomic.Pointer[string] // where the HTTP interface listens, once it does
 	closeOnce sync.Once
 }
 
@@ -256,15 +254,6 @@ func (t *telemetry) Close() {
 	})
 }
 
-// HTTPAddr is the address the HTTP interface listens on, or "" before it does (tests use it with
-// client_address = "127.0.0.1:0").
-func (t *telemetry) HTTPAddr() string {
-	if p := t.httpAddr.Load(); p != nil {
-		return *p
-	}
-	return ""
-}
-
 // guardedSink makes shutdown safe: go-metrics' statsd and statsite sinks panic when written after
 // Shutdown (send on a closed channel), and a loop may still emit a last gauge while the agent stops.
 type guardedSink struct {
@@ -341,7 +330,6 @@ func (a *Agent) runHTTP(ctx context.Context) {
 		return
 	}
 	bound := ln.Addr().String()
-	a.telemetry.httpAddr.Store(&bound)
 	srv := &http.Server{
 		Handler:           a.httpHandler(),
 		ReadHeaderTimeout: httpReadHeaderLimit,

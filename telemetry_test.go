@@ -44,8 +44,8 @@ func waitHTTPBase(t testing.TB, ra *runningAgent) string {
 	t.Helper()
 	var base string
 	waitFor(t, 15*time.Second, func() error {
-		if addr := ra.telemetry.HTTPAddr(); addr != "" {
-			base = "http://" + addr
+		if m := httpAddrLine.FindStringSubmatch(ra.logs.String()); m != nil {
+			base = "http://" + m[1]
 			return nil
 		}
 		return errNotYet
