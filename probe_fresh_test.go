@@ -267,7 +267,7 @@ func TestProbeSeesReplacedCertificate(t *testing.T) {
 }
 
 // TestProbeResolvesEveryRun: a check naming a host resolves it on every run, so when the name moves
-// to another address the next run goes there. The test steers the prober's dialer, which receives
+// to another address the next run goes there. The test steers the builder's dialer, which receives
 // the name (not an address cached from an earlier run) every time.
 func TestProbeResolvesEveryRun(t *testing.T) {
 	for _, kind := range append([]string{"udp"}, probeKinds...) {
