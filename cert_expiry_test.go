@@ -91,6 +91,7 @@ func tlsDefinitions(https, grpcAddr string) map[string]checkDefinition {
 // Every TLS kind reports the leaf certificate of its own run's handshake: after the target's
 // certificate is replaced, the next run reports the new one (nothing is cached between runs).
 func TestProbeRecordsCertExpiry(t *testing.T) {
+	t.Parallel()
 	src, first := newCertSource(t, time.Now().Add(48*time.Hour))
 	https := tlsTarget(t, "127.0.0.1", src)
 	grpcAddr := grpcHealthServerAt(t, "127.0.0.1:0", grpc.Creds(credentials.NewTLS(src.serverConfig())))
@@ -127,6 +128,7 @@ func TestProbeRecordsCertExpiry(t *testing.T) {
 }
 
 func TestCertExpiryVerdict(t *testing.T) {
+	t.Parallel()
 	now := time.Date(2026, 12, 1, 12, 0, 0, 0, time.UTC)
 	const out = "HTTP GET https://127.0.0.1/: 200 OK Output: ok"
 	cases := []struct {
@@ -205,6 +207,7 @@ func waitSeries(t *testing.T, a *Agent, series string, lo, hi float64) {
 // warning (naming the date) within tls_expiry_warning and passing again once the certificate is
 // renewed, the window reloadable, and a deregistered check's series gone from the next scrape.
 func TestCheckRunnerTLSExpiry(t *testing.T) {
+	t.Parallel()
 	srv := newTestConsul(t)
 	src, expiry := newCertSource(t, time.Now().Add(48*time.Hour))
 	target := tlsTarget(t, "127.0.0.1", src)

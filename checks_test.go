@@ -9,6 +9,7 @@ import (
 )
 
 func TestCheckDefinitionJSONRoundTrip(t *testing.T) {
+	t.Parallel()
 	full := checkDefinition{
 		HTTP: "https://x/health", Header: map[string][]string{"A": {"1", "2"}}, Method: "POST", Body: "b",
 		TLSServerName: "x", TLSSkipVerify: true, DisableRedirects: true,
@@ -50,6 +51,7 @@ func TestCheckDefinitionJSONRoundTrip(t *testing.T) {
 }
 
 func TestCheckDefinitionDurationDecoding(t *testing.T) {
+	t.Parallel()
 	cases := []struct {
 		in   string
 		want time.Duration
@@ -86,6 +88,7 @@ func TestCheckDefinitionDurationDecoding(t *testing.T) {
 }
 
 func TestCheckKind(t *testing.T) {
+	t.Parallel()
 	cases := []struct {
 		name        string
 		def         checkDefinition

@@ -845,6 +845,7 @@ func configFileKeys() []string {
 }
 
 func TestConfigKeysList(t *testing.T) {
+	t.Parallel()
 	keys := configFileKeys()
 	seen := map[string]bool{}
 	for _, k := range keys {
@@ -906,6 +907,7 @@ func newTestCertPEM(t *testing.T, name string, notAfter time.Time) (certPEM, key
 }
 
 func TestConfigHTTPSTLSConfig(t *testing.T) {
+	t.Parallel()
 	dir := t.TempDir()
 	caCert, _ := writeTestCert(t, dir, "ca")
 	cert, key := writeTestCert(t, dir, "client")

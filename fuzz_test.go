@@ -88,6 +88,7 @@ func FuzzCheckDefinition(f *testing.F) {
 // TestHostileProbeTargets runs probes against targets that misbehave; each must come back critical
 // (or as Consul defines) within its timeout, with a bounded output.
 func TestHostileProbeTargets(t *testing.T) {
+	t.Parallel()
 	p := newProbeBuilder(nil)
 	for _, tc := range []struct {
 		name string

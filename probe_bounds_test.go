@@ -168,6 +168,7 @@ func TestProbeHTTPReadsAreBounded(t *testing.T) {
 
 // TestProbeOutputsAreBounded: error texts of every kind stay within the check's output limit.
 func TestProbeOutputsAreBounded(t *testing.T) {
+	t.Parallel()
 	long := "svc-" + strings.Repeat("x", 200) + ".invalid"
 	for _, d := range []checkDefinition{
 		{HTTP: "http://" + long + "/", OutputMaxSize: 64},
@@ -194,6 +195,7 @@ func TestProbeOutputsAreBounded(t *testing.T) {
 // connection closed after the request was read, or a malformed answer, is the run's result (critical),
 // never a reason to send the request again.
 func TestProbeSendsOneRequestPerRun(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		name   string
 		answer string // written after reading the request; "" closes the connection at once

@@ -207,6 +207,7 @@ func withNextProtos(cfg *tls.Config, protos ...string) *tls.Config {
 // connections it accepted still served) is critical on the next run, and every run opened its own
 // connection.
 func TestProbeSeesClosedListener(t *testing.T) {
+	t.Parallel()
 	pki := newTestPKI(t)
 	for _, kind := range probeKinds {
 		t.Run(kind, func(t *testing.T) {
@@ -241,6 +242,7 @@ func TestProbeSeesClosedListener(t *testing.T) {
 // TestProbeSeesReplacedCertificate: a TLS target whose certificate is replaced by an expired one is
 // critical on the next run (a new handshake), whatever connection the run before used.
 func TestProbeSeesReplacedCertificate(t *testing.T) {
+	t.Parallel()
 	pki := newTestPKI(t)
 	for _, kind := range probeKinds {
 		if kind != "https" && !strings.HasSuffix(kind, "+tls") {
@@ -270,6 +272,7 @@ func TestProbeSeesReplacedCertificate(t *testing.T) {
 // to another address the next run goes there. The test steers the builder's dialer, which receives
 // the name (not an address cached from an earlier run) every time.
 func TestProbeResolvesEveryRun(t *testing.T) {
+	t.Parallel()
 	for _, kind := range append([]string{"udp"}, probeKinds...) {
 		if strings.HasSuffix(kind, "+tls") || kind == "https" {
 			continue // the TLS kinds dial the same way; certificates for a fake name add nothing here

@@ -39,6 +39,7 @@ func grpcHealthServerAt(t *testing.T, addr string, opts ...grpc.ServerOption) st
 }
 
 func TestProbeGRPC(t *testing.T) {
+	t.Parallel()
 	plain := grpcHealthServer(t)
 	secure := grpcHealthServer(t, grpc.Creds(credentials.NewServerTLSFromCert(func() *tls.Certificate { c := testCert(t); return &c }())))
 	closed := closedTCPAddr(t)

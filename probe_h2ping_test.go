@@ -9,6 +9,7 @@ import (
 )
 
 func TestProbeH2PING(t *testing.T) {
+	t.Parallel()
 	h2c := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}))
 	h2c.Config.Protocols = new(http.Protocols)
 	h2c.Config.Protocols.SetHTTP1(true)

@@ -15,6 +15,7 @@ import (
 )
 
 func TestProbeHTTPStatus(t *testing.T) {
+	t.Parallel()
 	cases := []struct {
 		code   int
 		status string
@@ -49,6 +50,7 @@ func TestProbeHTTPStatus(t *testing.T) {
 }
 
 func TestProbeHTTPConnectionRefused(t *testing.T) {
+	t.Parallel()
 	addr := closedTCPAddr(t)
 	url := "http://" + addr + "/"
 	status, out := runProbe(t, &checkDefinition{HTTP: url}, time.Second)
@@ -59,6 +61,7 @@ func TestProbeHTTPConnectionRefused(t *testing.T) {
 }
 
 func TestProbeHTTPInvalidMethod(t *testing.T) {
+	t.Parallel()
 	status, out := runProbe(t, &checkDefinition{HTTP: "http://127.0.0.1:1/", Method: "BAD METHOD"}, time.Second)
 	if status != statusCritical || !strings.Contains(out, "invalid method") {
 		t.Fatalf("got (%q, %q)", status, out)
@@ -66,6 +69,7 @@ func TestProbeHTTPInvalidMethod(t *testing.T) {
 }
 
 func TestProbeHTTPRequestShape(t *testing.T) {
+	t.Parallel()
 	type seen struct {
 		method, body, host string
 		header             http.Header
@@ -136,6 +140,7 @@ func TestProbeHTTPRequestShape(t *testing.T) {
 }
 
 func TestProbeHTTPRedirects(t *testing.T) {
+	t.Parallel()
 	srv := newHTTPServer(t, func(w http.ResponseWriter, r *http.Request) {
 		if r.URL.Path == "/from" {
 			http.Redirect(w, r, "/to", http.StatusFound)
@@ -155,6 +160,7 @@ func TestProbeHTTPRedirects(t *testing.T) {
 }
 
 func TestProbeHTTPOutputMaxSize(t *testing.T) {
+	t.Parallel()
 	body := strings.Repeat("0123456789", 1000) // 10000 bytes
 	srv := newHTTPServer(t, func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, body) })
 	prefix := fmt.Sprintf("HTTP GET %s: 200 OK Output: ", srv.URL)
@@ -178,6 +184,7 @@ func TestProbeHTTPOutputMaxSize(t *testing.T) {
 }
 
 func TestTailBuffer(t *testing.T) {
+	t.Parallel()
 	cases := []struct {
 		writes []string
 		want   string
@@ -239,6 +246,7 @@ func TestProbeHTTPLargeBodyBounded(t *testing.T) {
 }
 
 func TestProbeHTTPTimeout(t *testing.T) {
+	t.Parallel()
 	release := make(chan struct{})
 	srv := newHTTPServer(t, func(w http.ResponseWriter, r *http.Request) {
 		select {
@@ -277,6 +285,7 @@ func TestProbeHTTPTimeout(t *testing.T) {
 }
 
 func TestProbeHTTPS(t *testing.T) {
+	t.Parallel()
 	srv := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "secure") }))
 	t.Cleanup(srv.Close)
 	pool := x509.NewCertPool()

@@ -10,6 +10,7 @@ import (
 )
 
 func TestProbeTCP(t *testing.T) {
+	t.Parallel()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -40,6 +41,7 @@ func TestProbeTCP(t *testing.T) {
 }
 
 func TestProbeTCPTLS(t *testing.T) {
+	t.Parallel()
 	srv := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}))
 	t.Cleanup(srv.Close)
 	addr := srv.Listener.Addr().String()

@@ -83,6 +83,7 @@ func testCert(t *testing.T) tls.Certificate {
 }
 
 func TestProbeSetTLSReloadsExistingProbes(t *testing.T) {
+	t.Parallel()
 	srv := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}))
 	t.Cleanup(srv.Close)
 	pool := x509.NewCertPool()

@@ -44,6 +44,7 @@ func udpServerAt(t *testing.T, host string, silent bool) (string, <-chan int) {
 }
 
 func TestProbeUDP(t *testing.T) {
+	t.Parallel()
 	echo, sizes := udpServer(t, false)
 	silent, _ := udpServer(t, true)
 	closed := closedUDPAddr(t)
