@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"net"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -229,7 +230,7 @@ func (c *Config) Validate() error {
 	}
 
 	level := strings.ToUpper(strings.TrimSpace(c.LogLevel))
-	if !configContains(validLogLevels, level) {
+	if !slices.Contains(validLogLevels, level) {
 		return fail("invalid log_level %q: must be one of %s (case-insensitive)",
 			c.LogLevel, strings.Join(validLogLevels, ", "))
 	}
@@ -281,7 +282,7 @@ func (c *Config) Validate() error {
 			return fail("client_address %q is not a valid host:port: %v", c.ClientAddress, err)
 		}
 	}
-	if c.SyslogFacility != "" && !configContains(validSyslogFacilities, strings.ToUpper(c.SyslogFacility)) {
+	if c.SyslogFacility != "" && !slices.Contains(validSyslogFacilities, strings.ToUpper(c.SyslogFacility)) {
 		return fail("invalid syslog_facility %q: must be one of %s (case-insensitive)",
 			c.SyslogFacility, strings.Join(validSyslogFacilities, ", "))
 	}
@@ -298,15 +299,6 @@ func configCheckHostPort(addr string) error {
 		return fmt.Errorf("invalid port %q", port)
 	}
 	return nil
-}
-
-func configContains(list []string, s string) bool {
-	for _, v := range list {
-		if v == s {
-			return true
-		}
-	}
-	return false
 }
 
 // APIConfig returns the Consul API client config: api.DefaultConfig() (which reads CONSUL_HTTP_ADDR,

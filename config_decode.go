@@ -6,7 +6,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
-	"sort"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -94,7 +94,7 @@ func configVisit(path string, fn func(string) error) error {
 	if err != nil {
 		return &LoadError{Op: "listing", Path: path, Err: err}
 	}
-	sort.Slice(entries, func(i, j int) bool { return entries[i].Name() < entries[j].Name() })
+	slices.SortFunc(entries, func(a, b fs.DirEntry) int { return strings.Compare(a.Name(), b.Name()) })
 	for _, e := range entries {
 		full := filepath.Join(path, e.Name())
 		if e.IsDir() {
@@ -160,7 +160,7 @@ func (st *configLoadState) decode(data []byte) error {
 	// Unknown keys first, so a typo is reported before anything else.
 	var unknown []string
 	addUnknown := func(name string) {
-		if !configContains(unknown, name) {
+		if !slices.Contains(unknown, name) {
 			unknown = append(unknown, name)
 		}
 	}

@@ -8,7 +8,7 @@ import (
 	"log"
 	"os"
 	"path/filepath"
-	"sort"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -282,12 +282,11 @@ func (r *rotatingFile) prune() {
 		archives = append(archives, name)
 	}
 	// Numeric order of the timestamps: shorter first, then lexical.
-	sort.Slice(archives, func(i, j int) bool {
-		a, b := archives[i], archives[j]
+	slices.SortFunc(archives, func(a, b string) int {
 		if len(a) != len(b) {
-			return len(a) < len(b)
+			return len(a) - len(b)
 		}
-		return a < b
+		return strings.Compare(a, b)
 	})
 	for len(archives) > keep {
 		_ = os.Remove(filepath.Join(r.dir, archives[0]))

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"reflect"
 	"slices"
-	"sort"
 	"strings"
 	"sync"
 	"time"
@@ -217,8 +216,8 @@ func diffConfig(running, loaded *Config) (reloadable, restartOnly []string) {
 			add(&restartOnly, name) // a field added without a key mapping: still never half-applied
 		}
 	}
-	sort.Strings(reloadable)
-	sort.Strings(restartOnly)
+	slices.Sort(reloadable)
+	slices.Sort(restartOnly)
 	return reloadable, restartOnly
 }
 
