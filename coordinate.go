@@ -23,7 +23,7 @@ import (
 
 // The node-level check's ID, name and outputs are the original's: dashboards, alerts and ACL
 // policies written against them keep working after a binary swap. The check runner never runs
-// externalNodeHealth: only the node prober writes it.
+// externalNodeHealth: only the node monitor writes it.
 const (
 	externalNodeHealthCheckID = "externalNodeHealth"
 	externalCheckName         = "External Node Status"
@@ -55,7 +55,7 @@ const (
 	// coordinates are read with one list request each; for fewer, a per-node read (or one
 	// redundant write) is cheaper than listing every external node.
 	bulkPrefetchMin = 16
-	// maxConsulCalls bounds the prober's concurrent Consul requests. Pings are cheap and run in
+	// maxConsulCalls bounds the monitor's concurrent Consul requests. Pings are cheap and run in
 	// parallel; their writes queue here instead of opening a connection each, which would churn
 	// connections and hit Consul's per-client connection limit (http_max_conns_per_client, 200)
 	// when thousands of nodes change state at once. A ping whose write waits here keeps its
@@ -64,13 +64,13 @@ const (
 )
 
 // pinger sends one ICMP echo request to addr and returns the round-trip time. ctx carries the
-// timeout. The prober's default is icmpPinger; tests set NodeProber.pinger before Run to inject
+// timeout. The monitor's default is icmpPinger; tests set NodeMonitor.pinger before Run to inject
 // failures.
 type pinger interface {
 	Ping(ctx context.Context, addr string) (time.Duration, error)
 }
 
-// NodeProber pings the probe nodes assigned to this instance (external nodes with
+// NodeMonitor pings the probe nodes assigned to this instance (external nodes with
 // external-probe=true), by ICMP or, where a port is configured, by a TCP connect, and keeps their
 // node-level health in the catalog: it writes the externalNodeHealth check, records the
 // first-failure time at <kv>probes/<node>, reaps nodes that stay unreachable for
@@ -81,7 +81,7 @@ type pinger interface {
 // ModifyIndexes current. Per-node state (debounce, failure marker, cached coordinate) lives in
 // memory for as long as the node stays assigned, so reassignments keep the state of the nodes
 // that stay and Consul sees one write per status change instead of one read and write per ping.
-type NodeProber struct {
+type NodeMonitor struct {
 	agent  *Agent
 	logger hclog.Logger
 
@@ -96,7 +96,6 @@ type NodeProber struct {
 	wakeWatch chan struct{}
 
 	mu       sync.Mutex
-	names    []string               // assigned probe nodes, sorted
 	state    map[string]*nodeState  // per assigned node; replaced (not mutated) when a node leaves
 	gen      uint64                 // bumped whenever the assigned set changes
 	catalog  map[string]*nodeRecord // external probe nodes as last read from the catalog
@@ -124,7 +123,7 @@ type nodeRecord struct {
 	BadProbePort string
 }
 
-// nodeState is the prober's memory of one assigned node. Every field is guarded by NodeProber.mu.
+// nodeState is the monitor's memory of one assigned node. Every field is guarded by NodeMonitor.mu.
 type nodeState struct {
 	// reachable is the result of the last ping that counted (for Stats).
 	reachable bool
@@ -160,8 +159,8 @@ type localCoordCache struct {
 	err     error
 }
 
-func newNodeProber(a *Agent) *NodeProber {
-	return &NodeProber{
+func newNodeMonitor(a *Agent) *NodeMonitor {
+	return &NodeMonitor{
 		agent:       a,
 		logger:      a.logger.Named("probes"),
 		pinger:      icmpPinger{privileged: func() bool { return a.config().PingType == "socket" }},
@@ -178,16 +177,16 @@ func newNodeProber(a *Agent) *NodeProber {
 // SetNodes replaces the set of nodes to ping. It takes effect at once: nodes that left are no
 // longer probed (a ping still in flight for one is discarded), new nodes are probed within one
 // interval, and nodes that stay keep their debounce and failure state.
-func (p *NodeProber) SetNodes(nodes []string) {
+func (nm *NodeMonitor) SetNodes(nodes []string) {
 	want := slices.Clone(nodes)
 	slices.Sort(want)
 	want = slices.Compact(want)
 
-	p.mu.Lock()
+	nm.mu.Lock()
 	next := make(map[string]*nodeState, len(want))
-	changed := len(want) != len(p.state)
+	changed := len(want) != len(nm.state)
 	for _, n := range want {
-		st, ok := p.state[n]
+		st, ok := nm.state[n]
 		if !ok {
 			st = &nodeState{}
 			changed = true
@@ -195,47 +194,40 @@ func (p *NodeProber) SetNodes(nodes []string) {
 		next[n] = st
 	}
 	if changed {
-		p.state, p.names = next, want
-		p.gen++
+		nm.state = next
+		nm.gen++
 	}
-	p.mu.Unlock()
+	nm.mu.Unlock()
 
 	if !changed {
 		return
 	}
-	p.logger.Info("Now running probes for external nodes", "count", len(want))
-	wake(p.changed)
-	wake(p.wakeWatch)
-}
-
-// Nodes returns the current probe set, sorted.
-func (p *NodeProber) Nodes() []string {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return slices.Clone(p.names)
+	nm.logger.Info("Now running probes for external nodes", "count", len(want))
+	wake(nm.changed)
+	wake(nm.wakeWatch)
 }
 
 // Stats reports how many nodes this instance probes and how many answered their last ping.
-func (p *NodeProber) Stats() (nodes int, reachable int) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	for _, st := range p.state {
+func (nm *NodeMonitor) Stats() (nodes int, reachable int) {
+	nm.mu.Lock()
+	defer nm.mu.Unlock()
+	for _, st := range nm.state {
 		if st.reachable {
 			reachable++
 		}
 	}
-	return len(p.state), reachable
+	return len(nm.state), reachable
 }
 
 // Run probes until ctx ends and returns once the catalog watch and every ping goroutine have.
-func (p *NodeProber) Run(ctx context.Context) {
+func (nm *NodeMonitor) Run(ctx context.Context) {
 	var wg sync.WaitGroup
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		p.watchCatalog(ctx)
+		nm.watchCatalog(ctx)
 	}()
-	p.schedule(ctx, &wg)
+	nm.schedule(ctx, &wg)
 	wg.Wait()
 }
 
@@ -293,7 +285,7 @@ func (c *probeCycle) take() string {
 }
 
 // schedule starts one ping per node per node_probe_interval, evenly spaced, until ctx ends.
-func (p *NodeProber) schedule(ctx context.Context, wg *sync.WaitGroup) {
+func (nm *NodeMonitor) schedule(ctx context.Context, wg *sync.WaitGroup) {
 	var (
 		cycle  probeCycle
 		gen    uint64
@@ -311,19 +303,19 @@ func (p *NodeProber) schedule(ctx context.Context, wg *sync.WaitGroup) {
 		}
 	}()
 	for {
-		p.mu.Lock()
-		g := p.gen
-		p.mu.Unlock()
+		nm.mu.Lock()
+		g := nm.gen
+		nm.mu.Unlock()
 		if g != gen {
 			gen = g
-			p.applyAssignment(ctx, &cycle)
+			nm.applyAssignment(ctx, &cycle)
 			if len(cycle.order) == 0 {
-				p.logger.Debug("No nodes to probe, waiting for an assignment")
+				nm.logger.Debug("No nodes to probe, waiting for an assignment")
 			}
 		}
 
 		n := len(cycle.order)
-		interval := p.agent.config().NodeProbeInterval
+		interval := nm.agent.config().NodeProbeInterval
 		if n == 0 || interval <= 0 {
 			if ticker != nil {
 				ticker.Stop()
@@ -343,7 +335,7 @@ func (p *NodeProber) schedule(ctx context.Context, wg *sync.WaitGroup) {
 		select {
 		case <-ctx.Done():
 			return
-		case <-p.changed:
+		case <-nm.changed:
 		case now := <-tickC:
 			budget += float64(n) * float64(now.Sub(lastTick)) / float64(interval)
 			lastTick = now
@@ -351,7 +343,7 @@ func (p *NodeProber) schedule(ctx context.Context, wg *sync.WaitGroup) {
 			// jitter, which would otherwise skip a tick now and then.
 			budget = min(budget, float64(n))
 			for ; budget > 0.98; budget-- {
-				p.launch(ctx, wg, cycle.take())
+				nm.launch(ctx, wg, cycle.take())
 			}
 		}
 	}
@@ -362,48 +354,48 @@ func (p *NodeProber) schedule(ctx context.Context, wg *sync.WaitGroup) {
 // costs a handful of reads instead of a read and a write per node. The failure markers are always
 // listed; the nodes' current externalNodeHealth checks and coordinates only when many nodes
 // arrive at once.
-func (p *NodeProber) applyAssignment(ctx context.Context, cycle *probeCycle) {
-	p.mu.Lock()
-	cycle.sync(p.state)
+func (nm *NodeMonitor) applyAssignment(ctx context.Context, cycle *probeCycle) {
+	nm.mu.Lock()
+	cycle.sync(nm.state)
 	var fresh []string
-	for n, st := range p.state {
+	for n, st := range nm.state {
 		if !st.kvKnown {
 			fresh = append(fresh, n)
 		}
 	}
-	p.mu.Unlock()
+	nm.mu.Unlock()
 	if len(fresh) == 0 {
 		return
 	}
 	ctx, cancel := context.WithTimeout(ctx, prefetchTimeout)
 	defer cancel()
-	p.prefetchMarkers(ctx, fresh)
+	nm.prefetchMarkers(ctx, fresh)
 	if len(fresh) >= bulkPrefetchMin {
-		p.prefetchChecks(ctx, fresh)
-		if !p.agent.config().DisableCoordinateUpdates {
-			p.prefetchCoordinates(ctx, fresh)
+		nm.prefetchChecks(ctx, fresh)
+		if !nm.agent.config().DisableCoordinateUpdates {
+			nm.prefetchCoordinates(ctx, fresh)
 		}
 	}
 }
 
 // seed applies f to the state of each node in names that is still assigned.
-func (p *NodeProber) seed(names []string, f func(name string, st *nodeState)) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
+func (nm *NodeMonitor) seed(names []string, f func(name string, st *nodeState)) {
+	nm.mu.Lock()
+	defer nm.mu.Unlock()
 	for _, n := range names {
-		if st, ok := p.state[n]; ok {
+		if st, ok := nm.state[n]; ok {
 			f(n, st)
 		}
 	}
 }
 
-func (p *NodeProber) prefetchMarkers(ctx context.Context, fresh []string) {
-	prefix := p.agent.kvPath() + "probes/"
-	pairs, _, err := p.agent.client.KV().List(prefix, p.agent.queryOptions(ctx))
+func (nm *NodeMonitor) prefetchMarkers(ctx context.Context, fresh []string) {
+	prefix := nm.agent.kvPath() + "probes/"
+	pairs, _, err := nm.agent.client.KV().List(prefix, nm.agent.queryOptions(ctx))
 	if err != nil {
 		// Not fatal: each new node reads its own key before its first status write.
 		if ctx.Err() == nil {
-			p.logger.Warn("could not read critical status of new nodes", "error", err)
+			nm.logger.Warn("could not read critical status of new nodes", "error", err)
 		}
 		return
 	}
@@ -411,10 +403,10 @@ func (p *NodeProber) prefetchMarkers(ctx context.Context, fresh []string) {
 	for _, kv := range pairs {
 		byNode[strings.TrimPrefix(kv.Key, prefix)] = kv
 	}
-	p.seed(fresh, func(n string, st *nodeState) {
+	nm.seed(fresh, func(n string, st *nodeState) {
 		// A probe may have read the key itself meanwhile; its view is at least as new.
 		if !st.kvKnown {
-			st.marker, st.kvKnown = p.decodeMarker(n, byNode[n]), true
+			st.marker, st.kvKnown = nm.decodeMarker(n, byNode[n]), true
 		}
 	})
 }
@@ -422,14 +414,14 @@ func (p *NodeProber) prefetchMarkers(ctx context.Context, fresh []string) {
 // prefetchChecks seeds the debounce with the checks already in Consul, so a node whose status is
 // unchanged is not rewritten just because this instance is new to it. The first refresh of such
 // a node comes a full refresh interval later, like that of a node we wrote ourselves.
-func (p *NodeProber) prefetchChecks(ctx context.Context, fresh []string) {
-	q := p.agent.queryOptions(ctx)
+func (nm *NodeMonitor) prefetchChecks(ctx context.Context, fresh []string) {
+	q := nm.agent.queryOptions(ctx)
 	q.Filter = fmt.Sprintf("CheckID == %q", externalNodeHealthCheckID)
-	q.AllowStale = p.agent.config().StaleReadNodes
-	checks, _, err := p.agent.client.Health().State(api.HealthAny, q)
+	q.AllowStale = nm.agent.config().StaleReadNodes
+	checks, _, err := nm.agent.client.Health().State(api.HealthAny, q)
 	if err != nil {
 		if ctx.Err() == nil {
-			p.logger.Debug("could not read current checks of new nodes; they will be rewritten", "error", err)
+			nm.logger.Debug("could not read current checks of new nodes; they will be rewritten", "error", err)
 		}
 		return
 	}
@@ -438,7 +430,7 @@ func (p *NodeProber) prefetchChecks(ctx context.Context, fresh []string) {
 		byNode[hc.Node] = hc
 	}
 	now := time.Now()
-	p.seed(fresh, func(n string, st *nodeState) {
+	nm.seed(fresh, func(n string, st *nodeState) {
 		hc := byNode[n]
 		if hc == nil || st.lastStatus != "" || hc.Name != externalCheckName {
 			return
@@ -451,11 +443,11 @@ func (p *NodeProber) prefetchChecks(ctx context.Context, fresh []string) {
 }
 
 // prefetchCoordinates seeds the nodes' coordinates from one list of the datacenter's coordinates.
-func (p *NodeProber) prefetchCoordinates(ctx context.Context, fresh []string) {
-	entries, _, err := p.agent.client.Coordinate().Nodes(p.agent.queryOptions(ctx))
+func (nm *NodeMonitor) prefetchCoordinates(ctx context.Context, fresh []string) {
+	entries, _, err := nm.agent.client.Coordinate().Nodes(nm.agent.queryOptions(ctx))
 	if err != nil {
 		if ctx.Err() == nil {
-			p.logger.Debug("could not list coordinates; new nodes read their own", "error", err)
+			nm.logger.Debug("could not list coordinates; new nodes read their own", "error", err)
 		}
 		return
 	}
@@ -465,7 +457,7 @@ func (p *NodeProber) prefetchCoordinates(ctx context.Context, fresh []string) {
 			byNode[e.Node] = e
 		}
 	}
-	p.seed(fresh, func(n string, st *nodeState) {
+	nm.seed(fresh, func(n string, st *nodeState) {
 		if !st.coordKnown {
 			st.coord, st.coordKnown = byNode[n], true
 		}
@@ -474,14 +466,14 @@ func (p *NodeProber) prefetchCoordinates(ctx context.Context, fresh []string) {
 
 // decodeMarker turns <kv>probes/<node> into a failureMarker. The value is the gob encoding of a
 // time.Time, as the original writes it, so markers survive swapping binaries.
-func (p *NodeProber) decodeMarker(node string, kv *api.KVPair) failureMarker {
+func (nm *NodeMonitor) decodeMarker(node string, kv *api.KVPair) failureMarker {
 	if kv == nil {
 		return failureMarker{}
 	}
 	m := failureMarker{exists: true, index: kv.ModifyIndex}
 	if err := m.since.GobDecode(kv.Value); err != nil {
 		// Reaping on a time we cannot read would be a guess; start the clock again instead.
-		p.logger.Warn("could not decode critical time for node, restarting it", "node", node, "error", err)
+		nm.logger.Warn("could not decode critical time for node, restarting it", "node", node, "error", err)
 		m.restart = true
 	}
 	return m
@@ -489,72 +481,72 @@ func (p *NodeProber) decodeMarker(node string, kv *api.KVPair) failureMarker {
 
 // launch starts a ping of node unless one is still outstanding or the node is unknown to the
 // catalog (not registered yet, or already gone).
-func (p *NodeProber) launch(ctx context.Context, wg *sync.WaitGroup, node string) {
-	p.mu.Lock()
-	st, assigned := p.state[node]
-	rec := p.catalog[node]
-	_, busy := p.inflight[node]
+func (nm *NodeMonitor) launch(ctx context.Context, wg *sync.WaitGroup, node string) {
+	nm.mu.Lock()
+	st, assigned := nm.state[node]
+	rec := nm.catalog[node]
+	_, busy := nm.inflight[node]
 	switch {
 	case !assigned:
-		p.mu.Unlock()
+		nm.mu.Unlock()
 		return
 	case rec == nil:
-		loaded := p.catIndex
-		p.mu.Unlock()
+		loaded := nm.catIndex
+		nm.mu.Unlock()
 		if loaded {
-			p.logger.Debug("Node not in catalog, skipping probe", "node", node)
+			nm.logger.Debug("Node not in catalog, skipping probe", "node", node)
 		}
 		return
 	case busy:
-		p.mu.Unlock()
-		p.logger.Warn("Error pinging node, last request still outstanding", "node", node, "nodeId", rec.ID)
+		nm.mu.Unlock()
+		nm.logger.Warn("Error pinging node, last request still outstanding", "node", node, "nodeId", rec.ID)
 		return
 	}
-	p.inflight[node] = struct{}{}
+	nm.inflight[node] = struct{}{}
 	snapshot := *rec
-	p.mu.Unlock()
+	nm.mu.Unlock()
 
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
 		defer func() {
-			p.mu.Lock()
-			delete(p.inflight, node)
-			p.mu.Unlock()
+			nm.mu.Lock()
+			delete(nm.inflight, node)
+			nm.mu.Unlock()
 		}()
-		p.probe(ctx, node, st, snapshot)
+		nm.probe(ctx, node, st, snapshot)
 	}()
 }
 
 // owns reports whether st is still the state of an assigned node; a ping that outlived its node's
 // assignment must not write, as the node's new owner does.
-func (p *NodeProber) owns(node string, st *nodeState) bool {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.state[node] == st
+func (nm *NodeMonitor) owns(node string, st *nodeState) bool {
+	nm.mu.Lock()
+	defer nm.mu.Unlock()
+	return nm.state[node] == st
 }
 
 // consulCall runs f holding one of the maxConsulCalls slots; it returns ctx's error if ctx ends
 // while waiting for one.
-func (p *NodeProber) consulCall(ctx context.Context, f func() error) error {
+func (nm *NodeMonitor) consulCall(ctx context.Context, f func() error) error {
 	select {
-	case p.consulSlots <- struct{}{}:
+	case nm.consulSlots <- struct{}{}:
 	case <-ctx.Done():
 		return ctx.Err()
 	}
-	defer func() { <-p.consulSlots }()
+	defer func() { <-nm.consulSlots }()
 	return f()
 }
 
 // probe pings one node and records the outcome. rec is the catalog entry as it was when the ping
 // started: the reap's check-and-set uses its ModifyIndex, so a node re-registered meanwhile
 // survives.
-func (p *NodeProber) probe(ctx context.Context, node string, st *nodeState, rec nodeRecord) {
-	cfg := p.agent.config()
+func (nm *NodeMonitor) probe(ctx context.Context, node string, st *nodeState, rec nodeRecord) {
+	cfg := nm.agent.config()
 	if rec.BadProbePort != "" {
 		return // logged when the catalog showed it; probing some other way would mislead
 	}
-	pinger, addr, icmp := p.probeTarget(cfg, rec)
+	pinger, addr, icmp := nm.probeTarget(cfg, rec)
 	pctx, cancel := context.WithTimeout(ctx, cfg.PingTimeout)
 	rtt, err := pinger.Ping(pctx, addr)
 	cancel()
@@ -565,28 +557,28 @@ func (p *NodeProber) probe(ctx context.Context, node string, st *nodeState, rec 
 	if errors.As(err, &perm) {
 		// Our own setup is broken, not the node: marking every node critical (and reaping them
 		// all after node_reconnect_timeout) would turn a misconfiguration into an outage.
-		if !p.permissionLogged.Swap(true) {
-			p.logger.Error("Cannot probe external nodes: ICMP ping is not permitted", "error", perm)
+		if !nm.permissionLogged.Swap(true) {
+			nm.logger.Error("Cannot probe external nodes: ICMP ping is not permitted", "error", perm)
 		}
 		return
 	}
-	if !p.owns(node, st) {
+	if !nm.owns(node, st) {
 		return
 	}
 	if icmp {
 		// An ICMP ping went out, so the permission problem (if any) is over; a TCP connect says
 		// nothing about it.
-		p.permissionLogged.Store(false)
+		nm.permissionLogged.Store(false)
 	}
 	if err != nil {
-		p.logger.Warn("could not ping node", "node", node, "error", err)
-		p.nodeFailed(ctx, node, st, rec)
+		nm.logger.Warn("could not ping node", "node", node, "error", err)
+		nm.nodeFailed(ctx, node, st, rec)
 		return
 	}
-	p.nodeAlive(ctx, node, st)
+	nm.nodeAlive(ctx, node, st)
 	if !cfg.DisableCoordinateUpdates {
-		if err := p.updateCoordinate(ctx, node, st, rec, rtt); err != nil && ctx.Err() == nil {
-			p.logger.Warn("could not update coordinate for node", "node", node, "error", err)
+		if err := nm.updateCoordinate(ctx, node, st, rec, rtt); err != nil && ctx.Err() == nil {
+			nm.logger.Warn("could not update coordinate for node", "node", node, "error", err)
 		}
 	}
 }
@@ -594,43 +586,43 @@ func (p *NodeProber) probe(ctx context.Context, node string, st *nodeState, rec 
 // probeTarget picks how a node is probed: a TCP connect when its meta or node_probe_port names a
 // port, an ICMP echo otherwise. Either way the outcome means the same (externalNodeHealth, failure
 // markers, reaping) and the round trip moves the node's coordinate.
-func (p *NodeProber) probeTarget(cfg *Config, rec nodeRecord) (pg pinger, addr string, icmp bool) {
+func (nm *NodeMonitor) probeTarget(cfg *Config, rec nodeRecord) (pg pinger, addr string, icmp bool) {
 	port := rec.ProbePort
 	if port == 0 {
 		port = cfg.NodeProbePort
 	}
 	if port == 0 {
-		return p.pinger, rec.Address, true
+		return nm.pinger, rec.Address, true
 	}
-	return p.tcpPinger, net.JoinHostPort(rec.Address, strconv.Itoa(port)), false
+	return nm.tcpPinger, net.JoinHostPort(rec.Address, strconv.Itoa(port)), false
 }
 
-func (p *NodeProber) markerKey(node string) string { return p.agent.kvPath() + "probes/" + node }
+func (nm *NodeMonitor) markerKey(node string) string { return nm.agent.kvPath() + "probes/" + node }
 
 // ensureMarker reads <kv>probes/<node> unless its state is already known.
-func (p *NodeProber) ensureMarker(ctx context.Context, node string, st *nodeState) bool {
-	p.mu.Lock()
+func (nm *NodeMonitor) ensureMarker(ctx context.Context, node string, st *nodeState) bool {
+	nm.mu.Lock()
 	known := st.kvKnown
-	p.mu.Unlock()
+	nm.mu.Unlock()
 	if known {
 		return true
 	}
 	var kv *api.KVPair
-	err := p.consulCall(ctx, func() (err error) {
-		kv, _, err = p.agent.client.KV().Get(p.markerKey(node), p.agent.queryOptions(ctx))
+	err := nm.consulCall(ctx, func() (err error) {
+		kv, _, err = nm.agent.client.KV().Get(nm.markerKey(node), nm.agent.queryOptions(ctx))
 		return err
 	})
 	if err != nil {
 		if ctx.Err() == nil {
-			p.agent.status.failed(err)
-			p.logger.Warn("could not get critical status for node", "node", node, "error", err)
+			nm.agent.status.failed(err)
+			nm.logger.Warn("could not get critical status for node", "node", node, "error", err)
 		}
 		return false
 	}
-	m := p.decodeMarker(node, kv)
-	p.mu.Lock()
+	m := nm.decodeMarker(node, kv)
+	nm.mu.Lock()
 	st.marker, st.kvKnown = m, true
-	p.mu.Unlock()
+	nm.mu.Unlock()
 	return true
 }
 
@@ -640,28 +632,28 @@ func (st *nodeState) needsWrite(status string, now time.Time, refresh time.Durat
 	return st.lastStatus != status || now.Sub(st.lastWrite) >= refresh
 }
 
-func (p *NodeProber) checkOp(node, status, output string) *api.TxnOp {
+func (nm *NodeMonitor) checkOp(node, status, output string) *api.TxnOp {
 	return &api.TxnOp{Check: &api.CheckTxnOp{Verb: api.CheckSet, Check: api.HealthCheck{
 		Node:      node,
 		CheckID:   externalNodeHealthCheckID,
 		Name:      externalCheckName,
 		Status:    status,
 		Output:    output,
-		Partition: p.agent.partition(),
+		Partition: nm.agent.partition(),
 	}}}
 }
 
 // nodeAlive marks the node passing and clears its failure marker, in one transaction.
-func (p *NodeProber) nodeAlive(ctx context.Context, node string, st *nodeState) {
-	if !p.ensureMarker(ctx, node, st) {
+func (nm *NodeMonitor) nodeAlive(ctx context.Context, node string, st *nodeState) {
+	if !nm.ensureMarker(ctx, node, st) {
 		return
 	}
 	now := time.Now()
-	p.mu.Lock()
+	nm.mu.Lock()
 	st.reachable = true
 	m := st.marker
-	write := m.exists || st.needsWrite(api.HealthPassing, now, p.agent.config().NodeHealthRefreshInterval)
-	p.mu.Unlock()
+	write := m.exists || st.needsWrite(api.HealthPassing, now, nm.agent.config().NodeHealthRefreshInterval)
+	nm.mu.Unlock()
 	if !write {
 		return
 	}
@@ -669,15 +661,15 @@ func (p *NodeProber) nodeAlive(ctx context.Context, node string, st *nodeState) 
 	var ops api.TxnOps
 	if m.exists {
 		ops = append(ops, &api.TxnOp{KV: &api.KVTxnOp{
-			Verb: api.KVDeleteCAS, Key: p.markerKey(node), Index: m.index, Partition: p.agent.partition(),
+			Verb: api.KVDeleteCAS, Key: nm.markerKey(node), Index: m.index, Partition: nm.agent.partition(),
 		}})
 	}
-	ops = append(ops, p.checkOp(node, api.HealthPassing, nodeAliveOutput))
+	ops = append(ops, nm.checkOp(node, api.HealthPassing, nodeAliveOutput))
 	metrics.IncrCounter([]string{"coord", "txn"}, 1)
-	_, ok, _ := p.txn(ctx, node, ops)
+	_, ok, _ := nm.txn(ctx, node, ops)
 
-	p.mu.Lock()
-	defer p.mu.Unlock()
+	nm.mu.Lock()
+	defer nm.mu.Unlock()
 	if !ok {
 		// Most likely the marker changed under us (another instance during a rebalance): re-read.
 		st.kvKnown = false
@@ -690,22 +682,22 @@ func (p *NodeProber) nodeAlive(ctx context.Context, node string, st *nodeState) 
 // nodeFailed marks the node critical, starting its failure clock on the first failure, and reaps
 // it once the clock passes node_reconnect_timeout. The reap check runs on every failed ping,
 // independent of the write debounce, so a node is reaped within one probe interval of its timeout.
-func (p *NodeProber) nodeFailed(ctx context.Context, node string, st *nodeState, rec nodeRecord) {
-	if !p.ensureMarker(ctx, node, st) {
+func (nm *NodeMonitor) nodeFailed(ctx context.Context, node string, st *nodeState, rec nodeRecord) {
+	if !nm.ensureMarker(ctx, node, st) {
 		return
 	}
-	cfg := p.agent.config()
+	cfg := nm.agent.config()
 	now := time.Now()
-	p.mu.Lock()
+	nm.mu.Lock()
 	st.reachable = false
 	m := st.marker
 	startClock := !m.exists || m.restart
 	reap := !startClock && now.Sub(m.since) > cfg.NodeReconnectTimeout
 	write := startClock || st.needsWrite(api.HealthCritical, now, cfg.NodeHealthRefreshInterval)
-	p.mu.Unlock()
+	nm.mu.Unlock()
 
 	if reap {
-		p.reap(ctx, node, st, rec, m, cfg.NodeReconnectTimeout)
+		nm.reap(ctx, node, st, rec, m, cfg.NodeReconnectTimeout)
 		return
 	}
 	if !write {
@@ -716,21 +708,21 @@ func (p *NodeProber) nodeFailed(ctx context.Context, node string, st *nodeState,
 	if startClock {
 		value, err := now.UTC().GobEncode()
 		if err != nil {
-			p.logger.Warn("error updating node", "node", node, "error", fmt.Errorf("encoding critical time: %w", err))
+			nm.logger.Warn("error updating node", "node", node, "error", fmt.Errorf("encoding critical time: %w", err))
 			return
 		}
 		// check-and-set: index 0 creates the key only if absent; otherwise it must be the version
 		// we know, so two instances briefly probing the same node cannot reset each other's clock.
 		ops = append(ops, &api.TxnOp{KV: &api.KVTxnOp{
-			Verb: api.KVCAS, Key: p.markerKey(node), Value: value, Index: m.index, Partition: p.agent.partition(),
+			Verb: api.KVCAS, Key: nm.markerKey(node), Value: value, Index: m.index, Partition: nm.agent.partition(),
 		}})
 	}
-	ops = append(ops, p.checkOp(node, api.HealthCritical, nodeCriticalOutput))
+	ops = append(ops, nm.checkOp(node, api.HealthCritical, nodeCriticalOutput))
 	metrics.IncrCounter([]string{"coord", "txn"}, 1)
-	resp, ok, _ := p.txn(ctx, node, ops)
+	resp, ok, _ := nm.txn(ctx, node, ops)
 
-	p.mu.Lock()
-	defer p.mu.Unlock()
+	nm.mu.Lock()
+	defer nm.mu.Unlock()
 	if !ok {
 		st.kvKnown = false
 		return
@@ -750,24 +742,24 @@ func (p *NodeProber) nodeFailed(ctx context.Context, node string, st *nodeState,
 // reap deletes a node that has been unreachable for too long, together with its failure marker,
 // in one transaction. The node delete is a check-and-set on the ModifyIndex seen when the ping
 // started: if the node was re-registered meanwhile, nothing is deleted and its clock restarts.
-func (p *NodeProber) reap(ctx context.Context, node string, st *nodeState, rec nodeRecord, m failureMarker, timeout time.Duration) {
-	p.logger.Info("reaping node has been failed for too long", "node", node, "failureTimeout", timeout.String())
-	part := p.agent.partition()
+func (nm *NodeMonitor) reap(ctx context.Context, node string, st *nodeState, rec nodeRecord, m failureMarker, timeout time.Duration) {
+	nm.logger.Info("reaping node has been failed for too long", "node", node, "failureTimeout", timeout.String())
+	part := nm.agent.partition()
 	ops := api.TxnOps{
-		{KV: &api.KVTxnOp{Verb: api.KVDeleteCAS, Key: p.markerKey(node), Index: m.index, Partition: part}},
+		{KV: &api.KVTxnOp{Verb: api.KVDeleteCAS, Key: nm.markerKey(node), Index: m.index, Partition: part}},
 		{Node: &api.NodeTxnOp{Verb: api.NodeDeleteCAS, Node: api.Node{
 			ID: rec.ID, Node: node, ModifyIndex: rec.ModifyIndex, Partition: part,
 		}}},
 	}
-	_, ok, err := p.txn(ctx, node, ops)
+	_, ok, err := nm.txn(ctx, node, ops)
 	if ok {
-		p.mu.Lock()
+		nm.mu.Lock()
 		st.marker, st.lastStatus, st.reachable = failureMarker{}, "", false
-		if cur := p.catalog[node]; cur != nil && cur.ModifyIndex == rec.ModifyIndex {
-			delete(p.catalog, node) // until the watch catches up, don't probe a deleted node
+		if cur := nm.catalog[node]; cur != nil && cur.ModifyIndex == rec.ModifyIndex {
+			delete(nm.catalog, node) // until the watch catches up, don't probe a deleted node
 		}
-		p.mu.Unlock()
-		p.logger.Info("Reaped failed external node", "node", node)
+		nm.mu.Unlock()
+		nm.logger.Info("Reaped failed external node", "node", node)
 		return
 	}
 	if err != nil {
@@ -776,49 +768,49 @@ func (p *NodeProber) reap(ctx context.Context, node string, st *nodeState, rec n
 
 	// Rolled back: find out which check-and-set failed.
 	var cn *api.CatalogNode
-	err = p.consulCall(ctx, func() (err error) {
-		cn, _, err = p.agent.client.Catalog().Node(node, p.agent.queryOptions(ctx))
+	err = nm.consulCall(ctx, func() (err error) {
+		cn, _, err = nm.agent.client.Catalog().Node(node, nm.agent.queryOptions(ctx))
 		return err
 	})
 	if err != nil {
 		if ctx.Err() == nil {
-			p.logger.Warn("error updating node", "node", node, "error", fmt.Errorf("reading node after failed reap: %w", err))
+			nm.logger.Warn("error updating node", "node", node, "error", fmt.Errorf("reading node after failed reap: %w", err))
 		}
 		return
 	}
 	switch {
 	case cn == nil || cn.Node == nil:
 		// Someone else deleted it already; only our marker is left to clean up.
-		p.mu.Lock()
-		delete(p.catalog, node)
-		p.mu.Unlock()
-		del := api.TxnOps{{KV: &api.KVTxnOp{Verb: api.KVDeleteCAS, Key: p.markerKey(node), Index: m.index, Partition: part}}}
-		_, ok, _ := p.txn(ctx, node, del)
-		p.mu.Lock()
+		nm.mu.Lock()
+		delete(nm.catalog, node)
+		nm.mu.Unlock()
+		del := api.TxnOps{{KV: &api.KVTxnOp{Verb: api.KVDeleteCAS, Key: nm.markerKey(node), Index: m.index, Partition: part}}}
+		_, ok, _ := nm.txn(ctx, node, del)
+		nm.mu.Lock()
 		if ok {
 			st.marker = failureMarker{}
 		} else {
 			st.kvKnown = false
 		}
-		p.mu.Unlock()
+		nm.mu.Unlock()
 	case cn.Node.ModifyIndex != rec.ModifyIndex:
-		p.logger.Info("Not reaping node: it was re-registered while being probed", "node", node,
+		nm.logger.Info("Not reaping node: it was re-registered while being probed", "node", node,
 			"seenIndex", rec.ModifyIndex, "currentIndex", cn.Node.ModifyIndex)
-		p.mu.Lock()
-		if cur := p.catalog[node]; cur == nil || cur.ModifyIndex < cn.Node.ModifyIndex {
-			p.catalog[node] = recordOf(cn.Node)
+		nm.mu.Lock()
+		if cur := nm.catalog[node]; cur == nil || cur.ModifyIndex < cn.Node.ModifyIndex {
+			nm.catalog[node] = recordOf(cn.Node)
 		}
 		st.reRegistered()
-		p.mu.Unlock()
+		nm.mu.Unlock()
 	default:
 		// The node is as we saw it, so the marker changed: read it again.
-		p.mu.Lock()
+		nm.mu.Lock()
 		st.kvKnown = false
-		p.mu.Unlock()
+		nm.mu.Unlock()
 	}
 }
 
-// reRegistered is called (under NodeProber.mu) when the node's catalog entry changed: the check is
+// reRegistered is called (under NodeMonitor.mu) when the node's catalog entry changed: the check is
 // rewritten at the next probe, since a re-registration may have dropped it (original issue #119),
 // and the failure clock restarts, since someone just declared that the node exists.
 func (st *nodeState) reRegistered() {
@@ -830,38 +822,38 @@ func (st *nodeState) reRegistered() {
 
 // txn applies ops and logs failures. It returns the response, whether the transaction was
 // applied, and the transport error if the request itself failed.
-func (p *NodeProber) txn(ctx context.Context, node string, ops api.TxnOps) (*api.TxnResponse, bool, error) {
+func (nm *NodeMonitor) txn(ctx context.Context, node string, ops api.TxnOps) (*api.TxnResponse, bool, error) {
 	var (
 		ok   bool
 		resp *api.TxnResponse
 	)
-	err := p.consulCall(ctx, func() (err error) {
-		ok, resp, _, err = p.agent.client.Txn().Txn(ops, p.agent.queryOptions(ctx))
+	err := nm.consulCall(ctx, func() (err error) {
+		ok, resp, _, err = nm.agent.client.Txn().Txn(ops, nm.agent.queryOptions(ctx))
 		return err
 	})
 	if err != nil {
 		if ctx.Err() == nil {
-			p.agent.status.failed(err)
-			p.logger.Warn("error updating node", "node", node, "error", fmt.Errorf("transaction failed: %w", err))
+			nm.agent.status.failed(err)
+			nm.logger.Warn("error updating node", "node", node, "error", fmt.Errorf("transaction failed: %w", err))
 		}
 		return nil, false, err
 	}
-	p.agent.status.contact()
+	nm.agent.status.contact()
 	if !ok {
-		p.logger.Warn("error updating node", "node", node, "error", "transaction rolled back: "+txnErrors(resp))
+		nm.logger.Warn("error updating node", "node", node, "error", "transaction rolled back: "+txnErrors(resp))
 		return resp, false, nil
 	}
 	return resp, true, nil
 }
 
-// watchCatalog keeps p.catalog in step with the catalog's external probe nodes. It idles while no
+// watchCatalog keeps nm.catalog in step with the catalog's external probe nodes. It idles while no
 // node is assigned, so instances without probe nodes hold no extra blocking query.
-func (p *NodeProber) watchCatalog(ctx context.Context) {
-	blockingWatch(ctx, p.agent, "Error querying for node list", func(q *api.QueryOptions) (uint64, error) {
-		if !p.waitForNodes(ctx) {
+func (nm *NodeMonitor) watchCatalog(ctx context.Context) {
+	blockingWatch(ctx, nm.agent, "Error querying for node list", func(q *api.QueryOptions) (uint64, error) {
+		if !nm.waitForNodes(ctx) {
 			return 0, ctx.Err()
 		}
-		cfg := p.agent.config()
+		cfg := nm.agent.config()
 		// Only probe nodes are pinged, so ask for just those: Consul ANDs the meta filters.
 		q.NodeMeta = make(map[string]string, len(cfg.NodeMeta)+1)
 		for k, v := range cfg.NodeMeta {
@@ -869,27 +861,27 @@ func (p *NodeProber) watchCatalog(ctx context.Context) {
 		}
 		q.NodeMeta["external-probe"] = "true"
 		q.AllowStale = cfg.StaleReadNodes
-		list, meta, err := p.agent.client.Catalog().Nodes(q)
+		list, meta, err := nm.agent.client.Catalog().Nodes(q)
 		if err != nil {
 			return 0, fmt.Errorf("listing external nodes: %w", err)
 		}
-		p.setCatalog(list)
+		nm.setCatalog(list)
 		return meta.LastIndex, nil
 	})
 }
 
-func (p *NodeProber) waitForNodes(ctx context.Context) bool {
+func (nm *NodeMonitor) waitForNodes(ctx context.Context) bool {
 	for {
-		p.mu.Lock()
-		n := len(p.state)
-		p.mu.Unlock()
+		nm.mu.Lock()
+		n := len(nm.state)
+		nm.mu.Unlock()
 		if n > 0 {
 			return true
 		}
 		select {
 		case <-ctx.Done():
 			return false
-		case <-p.wakeWatch:
+		case <-nm.wakeWatch:
 		}
 	}
 }
@@ -909,60 +901,60 @@ func recordOf(n *api.Node) *nodeRecord {
 
 // setCatalog replaces the catalog view. A changed ModifyIndex means the node was re-registered or
 // edited, which resets its debounce and failure clock (see reRegistered).
-func (p *NodeProber) setCatalog(list []*api.Node) {
+func (nm *NodeMonitor) setCatalog(list []*api.Node) {
 	next := make(map[string]*nodeRecord, len(list))
 	for _, n := range list {
 		next[n.Node] = recordOf(n)
 	}
-	p.mu.Lock()
-	prev := p.catalog
-	changed := !p.catIndex || len(next) != len(p.catalog)
+	nm.mu.Lock()
+	prev := nm.catalog
+	changed := !nm.catIndex || len(next) != len(nm.catalog)
 	for name, rec := range next {
-		old, ok := p.catalog[name]
+		old, ok := nm.catalog[name]
 		switch {
 		case !ok:
 			changed = true
 		case *old != *rec:
 			changed = true
 			if old.ModifyIndex != rec.ModifyIndex {
-				if st := p.state[name]; st != nil {
+				if st := nm.state[name]; st != nil {
 					st.reRegistered()
 				}
 			}
 		}
 	}
-	p.catalog, p.catIndex = next, true
-	p.mu.Unlock()
+	nm.catalog, nm.catIndex = next, true
+	nm.mu.Unlock()
 	for name, rec := range next {
 		if rec.BadProbePort != "" && (prev[name] == nil || *prev[name] != *rec) {
 			// Not probed rather than probed by ICMP or marked critical: a typo must not get a node
 			// reaped after node_reconnect_timeout.
-			p.logger.Error("Not probing node: invalid node meta "+probePortMetaKey+", want a port between 1 and 65535",
+			nm.logger.Error("Not probing node: invalid node meta "+probePortMetaKey+", want a port between 1 and 65535",
 				"node", name, "value", rec.BadProbePort)
 		}
 	}
 	if changed {
-		p.logger.Info("Fetched nodes from catalog", "count", len(list))
+		nm.logger.Info("Fetched nodes from catalog", "count", len(list))
 	}
 }
 
 // updateCoordinate moves the node's network coordinate by the measured RTT, treating the external
 // node as the serf client and the local agent as the peer it pinged.
-func (p *NodeProber) updateCoordinate(ctx context.Context, node string, st *nodeState, rec nodeRecord, rtt time.Duration) error {
-	local, err := p.localCoordinate(ctx)
+func (nm *NodeMonitor) updateCoordinate(ctx context.Context, node string, st *nodeState, rec nodeRecord, rtt time.Duration) error {
+	local, err := nm.localCoordinate(ctx)
 	if err != nil {
 		return fmt.Errorf("could not retrieve local agent's coordinate info: %w", err)
 	}
 
-	p.mu.Lock()
+	nm.mu.Lock()
 	entry, known := st.coord, st.coordKnown
-	p.mu.Unlock()
+	nm.mu.Unlock()
 	if !known {
 		// Read once per assignment; afterwards our last write is the freshest copy, since only the
 		// node's owner writes it.
 		var entries []*api.CoordinateEntry
-		err := p.consulCall(ctx, func() (err error) {
-			entries, _, err = p.agent.client.Coordinate().Node(node, p.agent.queryOptions(ctx))
+		err := nm.consulCall(ctx, func() (err error) {
+			entries, _, err = nm.agent.client.Coordinate().Node(node, nm.agent.queryOptions(ctx))
 			return err
 		})
 		var se api.StatusError
@@ -994,32 +986,32 @@ func (p *NodeProber) updateCoordinate(ctx context.Context, node string, st *node
 
 	dist := seed.DistanceTo(next)
 	if existed && dist <= minCoordMove {
-		p.logger.Trace("Skipped update for coordinates", "node", node, "distanceFromPreviousCoord", dist)
-		p.mu.Lock()
+		nm.logger.Trace("Skipped update for coordinates", "node", node, "distanceFromPreviousCoord", dist)
+		nm.mu.Lock()
 		st.coord, st.coordKnown = entry, true
-		p.mu.Unlock()
+		nm.mu.Unlock()
 		return nil
 	}
-	upd := &api.CoordinateEntry{Node: node, Segment: segment, Partition: p.agent.partition(), Coord: next}
-	err = p.consulCall(ctx, func() error {
-		_, err := p.agent.client.Coordinate().Update(upd, p.agent.writeOptions(ctx))
+	upd := &api.CoordinateEntry{Node: node, Segment: segment, Partition: nm.agent.partition(), Coord: next}
+	err = nm.consulCall(ctx, func() error {
+		_, err := nm.agent.client.Coordinate().Update(upd, nm.agent.writeOptions(ctx))
 		return err
 	})
 	if err != nil {
 		return fmt.Errorf("error applying coordinate update for node %q: %w", node, err)
 	}
-	p.mu.Lock()
+	nm.mu.Lock()
 	st.coord, st.coordKnown = upd, true
-	p.mu.Unlock()
+	nm.mu.Unlock()
 	// DEBUG, not INFO: one line per node per interval drowned everything else (original issue #214).
-	p.logger.Debug("Updated coordinates", "node", node, "distanceFromPreviousCoord", dist)
+	nm.logger.Debug("Updated coordinates", "node", node, "distanceFromPreviousCoord", dist)
 	return nil
 }
 
 // localCoordinate returns the local agent's coordinate (the server's in agentless mode), cached
 // for localCoordTTL.
-func (p *NodeProber) localCoordinate(ctx context.Context) (*coordinate.Coordinate, error) {
-	c := &p.local
+func (nm *NodeMonitor) localCoordinate(ctx context.Context) (*coordinate.Coordinate, error) {
+	c := &nm.local
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	now := time.Now()
@@ -1034,8 +1026,8 @@ func (p *NodeProber) localCoordinate(ctx context.Context) (*coordinate.Coordinat
 	}
 	var self struct{ Coord *coordinate.Coordinate }
 	// No partition parameter: /v1/agent/self describes the agent itself.
-	err := p.consulCall(ctx, func() error {
-		_, err := p.agent.client.Raw().Query("/v1/agent/self", &self, (&api.QueryOptions{}).WithContext(ctx))
+	err := nm.consulCall(ctx, func() error {
+		_, err := nm.agent.client.Raw().Query("/v1/agent/self", &self, (&api.QueryOptions{}).WithContext(ctx))
 		return err
 	})
 	switch {

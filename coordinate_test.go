@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"log"
+	"maps"
 	"net/http"
 	"net/http/httptest"
 	"net/http/httputil"
@@ -78,18 +79,18 @@ func (f *fakePinger) Ping(ctx context.Context, addr string) (time.Duration, erro
 
 func pingDown(addr string) error { return fmt.Errorf("ping to %q timed out", addr) }
 
-// proberRun is a NodeProber running on its own, outside Agent.Run: tests drive its node set
+// monitorRun is a NodeMonitor running on its own, outside Agent.Run: tests drive its node set
 // directly instead of waiting for leader election and assignment.
-type proberRun struct {
+type monitorRun struct {
 	a    *Agent
-	p    *NodeProber
+	nm   *NodeMonitor
 	logs *logBuffer
 	// stop cancels Run and waits for it to return; idempotent.
 	stop func()
 }
 
-// newProberAgent builds an agent (not running) whose prober uses pg when non-nil.
-func newProberAgent(t *testing.T, cfg *Config, pg pinger) *proberRun {
+// newMonitorAgent builds an agent (not running) whose node monitor uses pg when non-nil.
+func newMonitorAgent(t *testing.T, cfg *Config, pg pinger) *monitorRun {
 	t.Helper()
 	logs := &logBuffer{}
 	var out io.Writer = logs
@@ -102,31 +103,38 @@ func newProberAgent(t *testing.T, cfg *Config, pg pinger) *proberRun {
 		t.Fatalf("NewAgent: %v", err)
 	}
 	if pg != nil {
-		a.prober.pinger = pg // before Run, so no synchronisation is needed
+		a.monitor.pinger = pg // before Run, so no synchronisation is needed
 	}
-	return &proberRun{a: a, p: a.prober, logs: logs}
+	return &monitorRun{a: a, nm: a.monitor, logs: logs}
 }
 
-// startProber runs the prober until the test ends and checks that Run returns promptly.
-func startProber(t *testing.T, cfg *Config, pg pinger) *proberRun {
+// startMonitor runs the node monitor until the test ends and checks that Run returns promptly.
+func startMonitor(t *testing.T, cfg *Config, pg pinger) *monitorRun {
 	t.Helper()
-	r := newProberAgent(t, cfg, pg)
+	r := newMonitorAgent(t, cfg, pg)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		r.p.Run(ctx)
+		r.nm.Run(ctx)
 	}()
 	r.stop = func() {
 		cancel()
 		select {
 		case <-done:
 		case <-time.After(10 * time.Second):
-			t.Errorf("NodeProber.Run did not return within 10s of cancellation")
+			t.Errorf("NodeMonitor.Run did not return within 10s of cancellation")
 		}
 	}
 	t.Cleanup(r.stop)
 	return r
+}
+
+// assignedNodes returns the monitor's assigned node set, sorted.
+func assignedNodes(nm *NodeMonitor) []string {
+	nm.mu.Lock()
+	defer nm.mu.Unlock()
+	return slices.Sorted(maps.Keys(nm.state))
 }
 
 func probeTestConfig(srv *testConsul) *Config {
@@ -264,7 +272,7 @@ func icmpPingTypeAt(udpNet, rawNet, addr string) (pingType, whyNot string) {
 }
 
 // TestNodeProbeRealPing runs the whole agent with the real pinger: the leader assigns the probe
-// node, the prober pings 127.0.0.1, marks it passing and writes its coordinate.
+// node, the node monitor pings 127.0.0.1, marks it passing and writes its coordinate.
 func TestNodeProbeRealPing(t *testing.T) {
 	pingType := icmpPingType(t)
 	srv := newTestConsul(t)
@@ -275,7 +283,7 @@ func TestNodeProbeRealPing(t *testing.T) {
 
 	waitNodeCheck(t, srv.Client, "ext-real", api.HealthPassing)
 	waitCoordinate(t, srv.Client, "ext-real")
-	if n, up := ra.prober.Stats(); n != 1 || up != 1 {
+	if n, up := ra.monitor.Stats(); n != 1 || up != 1 {
 		t.Fatalf("Stats() = %d nodes, %d reachable; want 1, 1", n, up)
 	}
 	logs := ra.logs.String()
@@ -320,8 +328,8 @@ func TestNodeProbePermissionError(t *testing.T) {
 	cfg.PingType = "udp"
 	registerProbeNode(t, srv.Client, "perm-1", "127.0.0.1", nil)
 	registerProbeNode(t, srv.Client, "perm-2", "127.0.0.1", nil)
-	r := startProber(t, cfg, nil)
-	r.p.SetNodes([]string{"perm-1", "perm-2"})
+	r := startMonitor(t, cfg, nil)
+	r.nm.SetNodes([]string{"perm-1", "perm-2"})
 	// Several rounds of pings, each refused.
 	waitFor(t, 10*time.Second, func() error {
 		if n := strings.Count(r.logs.String(), "ICMP ping is not permitted"); n != 1 {
@@ -378,8 +386,8 @@ func TestNodeProbeFailureAndReap(t *testing.T) {
 	fp.set("127.0.0.3", func(context.Context, int) (time.Duration, error) { return 0, pingDown("127.0.0.3") })
 
 	start := time.Now()
-	r := startProber(t, cfg, fp)
-	r.p.SetNodes([]string{"dead", "stale"})
+	r := startMonitor(t, cfg, fp)
+	r.nm.SetNodes([]string{"dead", "stale"})
 
 	// "stale" is reaped at its first failed ping: the earlier instance's clock counts.
 	waitFor(t, 10*time.Second, func() error {
@@ -467,8 +475,8 @@ func TestNodeProbeRecovery(t *testing.T) {
 		}
 		return 0, pingDown("127.0.0.4")
 	})
-	r := startProber(t, cfg, fp)
-	r.p.SetNodes([]string{"flaky"})
+	r := startMonitor(t, cfg, fp)
+	r.nm.SetNodes([]string{"flaky"})
 
 	waitNodeCheck(t, c, "flaky", api.HealthCritical)
 	if since, _, ok := readMarker(t, c, cfg, "flaky"); !ok || !since.Equal(earlier) {
@@ -480,7 +488,7 @@ func TestNodeProbeRecovery(t *testing.T) {
 	if _, _, ok := readMarker(t, c, cfg, "flaky"); ok {
 		t.Fatal("marker not removed on recovery")
 	}
-	if n, reachable := r.p.Stats(); n != 1 || reachable != 1 {
+	if n, reachable := r.nm.Stats(); n != 1 || reachable != 1 {
 		t.Fatalf("Stats() = %d, %d; want 1, 1", n, reachable)
 	}
 
@@ -493,7 +501,7 @@ func TestNodeProbeRecovery(t *testing.T) {
 	}
 }
 
-// TestNodeProbeChurn changes the node set under a running prober: removed nodes stop at once (a
+// TestNodeProbeChurn changes the node set under a running node monitor: removed nodes stop at once (a
 // ping in flight is discarded), added nodes start, staying nodes keep their debounce state.
 func TestNodeProbeChurn(t *testing.T) {
 	srv := newTestConsul(t)
@@ -504,10 +512,10 @@ func TestNodeProbeChurn(t *testing.T) {
 		registerProbeNode(t, c, n, a, nil)
 	}
 	fp := newFakePinger()
-	r := startProber(t, cfg, fp)
-	r.p.SetNodes([]string{"n2", "n1", "n1"})
-	if got := r.p.Nodes(); !slices.Equal(got, []string{"n1", "n2"}) {
-		t.Fatalf("Nodes() = %v", got)
+	r := startMonitor(t, cfg, fp)
+	r.nm.SetNodes([]string{"n2", "n1", "n1"})
+	if got := assignedNodes(r.nm); !slices.Equal(got, []string{"n1", "n2"}) {
+		t.Fatalf("assigned nodes = %v", got)
 	}
 	waitNodeCheck(t, c, "n1", api.HealthPassing)
 	n2Check := waitNodeCheck(t, c, "n2", api.HealthPassing)
@@ -522,37 +530,37 @@ func TestNodeProbeChurn(t *testing.T) {
 		return 0, pingDown(addrs["n1"])
 	})
 	waitFor(t, 5*time.Second, func() error {
-		r.p.mu.Lock()
-		defer r.p.mu.Unlock()
-		if _, ok := r.p.inflight["n1"]; !ok {
+		r.nm.mu.Lock()
+		defer r.nm.mu.Unlock()
+		if _, ok := r.nm.inflight["n1"]; !ok {
 			return errors.New("n1 not in flight")
 		}
 		return nil
 	})
-	r.p.mu.Lock()
-	n2State := r.p.state["n2"]
+	r.nm.mu.Lock()
+	n2State := r.nm.state["n2"]
 	n2Written := n2State.lastWrite
-	r.p.mu.Unlock()
+	r.nm.mu.Unlock()
 
-	r.p.SetNodes([]string{"n2", "n3"})
-	r.p.mu.Lock()
-	_, hasN1 := r.p.state["n1"]
-	sameN2 := r.p.state["n2"] == n2State
-	r.p.mu.Unlock()
+	r.nm.SetNodes([]string{"n2", "n3"})
+	r.nm.mu.Lock()
+	_, hasN1 := r.nm.state["n1"]
+	sameN2 := r.nm.state["n2"] == n2State
+	r.nm.mu.Unlock()
 	if hasN1 || !sameN2 {
 		t.Fatalf("after churn: n1 state kept=%v, n2 state kept=%v; want false, true", hasN1, sameN2)
 	}
-	if got := r.p.Nodes(); !slices.Equal(got, []string{"n2", "n3"}) {
-		t.Fatalf("Nodes() = %v", got)
+	if got := assignedNodes(r.nm); !slices.Equal(got, []string{"n2", "n3"}) {
+		t.Fatalf("assigned nodes = %v", got)
 	}
 	waitNodeCheck(t, c, "n3", api.HealthPassing)
 
 	// The held ping now fails; its node is no longer ours, so nothing may be written for it.
 	close(release)
 	waitFor(t, 5*time.Second, func() error {
-		r.p.mu.Lock()
-		defer r.p.mu.Unlock()
-		if _, ok := r.p.inflight["n1"]; ok {
+		r.nm.mu.Lock()
+		defer r.nm.mu.Unlock()
+		if _, ok := r.nm.inflight["n1"]; ok {
 			return errors.New("n1 still in flight")
 		}
 		return nil
@@ -573,9 +581,9 @@ func TestNodeProbeChurn(t *testing.T) {
 		}
 		return nil
 	})
-	r.p.mu.Lock()
+	r.nm.mu.Lock()
 	rewritten := !n2State.lastWrite.Equal(n2Written)
-	r.p.mu.Unlock()
+	r.nm.mu.Unlock()
 	if hc, _ := nodeHealthCheck(c, "n2"); rewritten || hc == nil || hc.ModifyIndex != n2Check.ModifyIndex {
 		t.Fatalf("n2 rewritten after churn (state %v, check %+v)", rewritten, hc)
 	}
@@ -585,7 +593,7 @@ func TestNodeProbeChurn(t *testing.T) {
 
 	// Re-adding n1 starts it afresh.
 	fp.set(addrs["n1"], nil)
-	r.p.SetNodes([]string{"n1", "n2", "n3"})
+	r.nm.SetNodes([]string{"n1", "n2", "n3"})
 	waitFor(t, 5*time.Second, func() error {
 		if fp.callCount(addrs["n1"]) == calls {
 			return errors.New("n1 not pinged again")
@@ -595,12 +603,12 @@ func TestNodeProbeChurn(t *testing.T) {
 	if fp.maxActive > 1 {
 		t.Fatalf("%d pings of one node in flight at once", fp.maxActive)
 	}
-	if n, _ := r.p.Stats(); n != 3 {
+	if n, _ := r.nm.Stats(); n != 3 {
 		t.Fatalf("Stats() nodes = %d, want 3", n)
 	}
-	r.p.SetNodes(nil)
-	if n, _ := r.p.Stats(); n != 0 || len(r.p.Nodes()) != 0 {
-		t.Fatalf("after SetNodes(nil): %d nodes, %v", n, r.p.Nodes())
+	r.nm.SetNodes(nil)
+	if n, _ := r.nm.Stats(); n != 0 || len(assignedNodes(r.nm)) != 0 {
+		t.Fatalf("after SetNodes(nil): %d nodes, %v", n, assignedNodes(r.nm))
 	}
 }
 
@@ -683,8 +691,8 @@ func TestNodeProbeUnchangedNotRewritten(t *testing.T) {
 	c := srv.Client
 	registerProbeNode(t, c, "steady", "127.0.0.8", nil)
 	fp := newFakePinger()
-	r := startProber(t, cfg, fp)
-	r.p.SetNodes([]string{"steady"})
+	r := startMonitor(t, cfg, fp)
+	r.nm.SetNodes([]string{"steady"})
 
 	first := waitNodeCheck(t, c, "steady", api.HealthPassing)
 	txns := proxy.count("PUT /v1/txn")
@@ -733,8 +741,8 @@ func TestNodeProbeTakeover(t *testing.T) {
 
 	fpA := newFakePinger()
 	fpA.set(down, failing)
-	a := startProber(t, cfg, fpA)
-	a.p.SetNodes(names)
+	a := startMonitor(t, cfg, fpA)
+	a.nm.SetNodes(names)
 	for _, n := range names[1:] {
 		waitNodeCheck(t, c, n, api.HealthPassing)
 	}
@@ -766,8 +774,8 @@ func TestNodeProbeTakeover(t *testing.T) {
 	cfgB.HTTPAddr = proxy.addr
 	fpB := newFakePinger()
 	fpB.set(down, failing)
-	b := startProber(t, &cfgB, fpB)
-	b.p.SetNodes(names)
+	b := startMonitor(t, &cfgB, fpB)
+	b.nm.SetNodes(names)
 	waitFor(t, 10*time.Second, func() error {
 		for i := range names {
 			if fpB.callCount(fmt.Sprintf("127.0.1.%d", i+1)) < 2 {
@@ -805,7 +813,7 @@ func TestNodeProbeReapCAS(t *testing.T) {
 	ctx := context.Background()
 
 	t.Run("direct", func(t *testing.T) {
-		r := newProberAgent(t, cfg, newFakePinger())
+		r := newMonitorAgent(t, cfg, newFakePinger())
 		registerProbeNode(t, c, "moved", "127.0.0.9", nil)
 		cn, _, err := c.Catalog().Node("moved", nil)
 		if err != nil || cn == nil {
@@ -817,13 +825,13 @@ func TestNodeProbeReapCAS(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		r.p.SetNodes([]string{"moved"})
-		st := r.p.state["moved"]
-		st.marker, st.kvKnown = r.p.decodeMarker("moved", kv), true
+		r.nm.SetNodes([]string{"moved"})
+		st := r.nm.state["moved"]
+		st.marker, st.kvKnown = r.nm.decodeMarker("moved", kv), true
 
 		// Re-registered (changed) after the ping started.
 		registerProbeNode(t, c, "moved", "127.0.0.9", map[string]string{"rack": "b"})
-		r.p.reap(ctx, "moved", st, seen, st.marker, time.Minute)
+		r.nm.reap(ctx, "moved", st, seen, st.marker, time.Minute)
 		if !nodeExists(t, c, "moved") {
 			t.Fatal("re-registered node was reaped")
 		}
@@ -839,7 +847,7 @@ func TestNodeProbeReapCAS(t *testing.T) {
 
 		// With the current index the reap goes through, node and marker in one transaction.
 		cn, _, _ = c.Catalog().Node("moved", nil)
-		r.p.reap(ctx, "moved", st, *recordOf(cn.Node), st.marker, time.Minute)
+		r.nm.reap(ctx, "moved", st, *recordOf(cn.Node), st.marker, time.Minute)
 		if nodeExists(t, c, "moved") {
 			t.Fatal("node not reaped with the current index")
 		}
@@ -855,10 +863,10 @@ func TestNodeProbeReapCAS(t *testing.T) {
 		if _, err := c.Catalog().Deregister(&api.CatalogDeregistration{Node: "gone"}, nil); err != nil {
 			t.Fatal(err)
 		}
-		r.p.SetNodes([]string{"gone"})
-		gst := r.p.state["gone"]
-		gst.marker, gst.kvKnown = r.p.decodeMarker("gone", kv), true
-		r.p.reap(ctx, "gone", gst, *recordOf(cn.Node), gst.marker, time.Minute)
+		r.nm.SetNodes([]string{"gone"})
+		gst := r.nm.state["gone"]
+		gst.marker, gst.kvKnown = r.nm.decodeMarker("gone", kv), true
+		r.nm.reap(ctx, "gone", gst, *recordOf(cn.Node), gst.marker, time.Minute)
 		if _, _, ok := readMarker(t, c, cfg, "gone"); ok {
 			t.Fatal("marker of an already deleted node left behind")
 		}
@@ -882,8 +890,8 @@ func TestNodeProbeReapCAS(t *testing.T) {
 				return time.Millisecond, nil
 			}
 		})
-		r := startProber(t, &cfg, fp)
-		r.p.SetNodes([]string{"revived"})
+		r := startMonitor(t, &cfg, fp)
+		r.nm.SetNodes([]string{"revived"})
 		waitNodeCheck(t, c, "revived", api.HealthPassing)
 		if !nodeExists(t, c, "revived") {
 			t.Fatal("re-registered node reaped")
@@ -1065,9 +1073,9 @@ func TestNodeProbeBench(t *testing.T) {
 	newPinger := func() {
 		cp = &countingPinger{inner: icmpPinger{privileged: func() bool { return pingType == "socket" }}}
 	}
-	run := func() *proberRun {
-		r := startProber(t, cfg, cp)
-		r.p.SetNodes(names)
+	run := func() *monitorRun {
+		r := startMonitor(t, cfg, cp)
+		r.nm.SetNodes(names)
 		return r
 	}
 	waitAll := func(what string, cond func() int) {
@@ -1083,13 +1091,13 @@ func TestNodeProbeBench(t *testing.T) {
 	newPinger()
 	m0 := snap()
 	r := run()
-	waitAll("reachable", func() int { _, up := r.p.Stats(); return up })
+	waitAll("reachable", func() int { _, up := r.nm.Stats(); return up })
 	// Also wait for the writes of the round (they queue behind maxConsulCalls).
 	waitAll("written", func() int {
-		r.p.mu.Lock()
-		defer r.p.mu.Unlock()
+		r.nm.mu.Lock()
+		defer r.nm.mu.Unlock()
 		done := 0
-		for _, st := range r.p.state {
+		for _, st := range r.nm.state {
 			if st.lastStatus == api.HealthPassing {
 				done++
 			}
@@ -1116,6 +1124,6 @@ func TestNodeProbeBench(t *testing.T) {
 	newPinger()
 	m3 := snap()
 	r = run()
-	waitAll("probed by the new instance", func() int { _, up := r.p.Stats(); return up })
+	waitAll("probed by the new instance", func() int { _, up := r.nm.Stats(); return up })
 	report("takeover by a new instance (one round)", m3, snap())
 }

@@ -56,7 +56,7 @@ func closedTCPPort(t *testing.T) string {
 
 func TestNodeProbeTarget(t *testing.T) {
 	icmpFake, tcpFake := newFakePinger(), newFakePinger()
-	p := &NodeProber{pinger: icmpFake, tcpPinger: tcpFake}
+	nm := &NodeMonitor{pinger: icmpFake, tcpPinger: tcpFake}
 	cases := []struct {
 		name       string
 		rec        nodeRecord
@@ -74,7 +74,7 @@ func TestNodeProbeTarget(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			pg, addr, icmp := p.probeTarget(&Config{NodeProbePort: tc.globalPort}, tc.rec)
+			pg, addr, icmp := nm.probeTarget(&Config{NodeProbePort: tc.globalPort}, tc.rec)
 			isTCP := pg == pinger(tcpFake)
 			if isTCP != tc.wantTCP || icmp == tc.wantTCP || addr != tc.wantAddr {
 				t.Fatalf("got (tcp=%v, icmp=%v, %q), want tcp=%v %q", isTCP, icmp, addr, tc.wantTCP, tc.wantAddr)
@@ -122,8 +122,8 @@ func TestNodeProbeTCP(t *testing.T) {
 	registerProbeNode(t, c, "tcp-bad", "127.0.0.1", map[string]string{probePortMetaKey: "https"})
 	registerProbeNode(t, c, "icmp-node", "127.0.0.4", nil)
 	fp := newFakePinger() // ICMP: every address answers
-	r := startProber(t, cfg, fp)
-	r.p.SetNodes([]string{"tcp-up", "tcp-closed", "tcp-bad", "icmp-node"})
+	r := startMonitor(t, cfg, fp)
+	r.nm.SetNodes([]string{"tcp-up", "tcp-closed", "tcp-bad", "icmp-node"})
 
 	// First the node that gets reaped, while it still exists: the coordinate below can take seconds.
 	waitNodeCheck(t, c, "tcp-closed", api.HealthCritical)
@@ -179,8 +179,8 @@ func TestNodeProbeTCPGlobalPort(t *testing.T) {
 	registerProbeNode(t, c, "global-tcp", "127.0.0.1", nil)
 	fp := newFakePinger()
 	fp.set("127.0.0.1", func(context.Context, int) (time.Duration, error) { return 0, pingDown("127.0.0.1") })
-	r := startProber(t, cfg, fp)
-	r.p.SetNodes([]string{"global-tcp"})
+	r := startMonitor(t, cfg, fp)
+	r.nm.SetNodes([]string{"global-tcp"})
 
 	waitNodeCheck(t, c, "global-tcp", api.HealthPassing)
 	waitCoordinate(t, c, "global-tcp")
