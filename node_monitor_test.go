@@ -32,6 +32,14 @@ type fakePinger struct {
 	maxActive int
 }
 
+func newFakePinger() *fakePinger {
+	return &fakePinger{
+		behave: map[string]func(context.Context, int) (time.Duration, error){},
+		calls:  map[string]int{},
+		active: map[string]int{},
+	}
+}
+
 func (f *fakePinger) set(addr string, fn func(ctx context.Context, call int) (time.Duration, error)) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -61,14 +69,6 @@ func (f *fakePinger) Ping(ctx context.Context, addr string) (time.Duration, erro
 		return time.Millisecond, nil
 	}
 	return fn(ctx, call)
-}
-
-func newFakePinger() *fakePinger {
-	return &fakePinger{
-		behave: map[string]func(context.Context, int) (time.Duration, error){},
-		calls:  map[string]int{},
-		active: map[string]int{},
-	}
 }
 
 func pingDown(addr string) error { return fmt.Errorf("ping to %q timed out", addr) }
@@ -313,6 +313,26 @@ type consulProxy struct {
 	errs   int // proxy errors (e.g. Consul dropping connections)
 }
 
+func newConsulProxy(t *testing.T, srv *testConsul) *consulProxy {
+	t.Helper()
+	target, err := url.Parse("http://" + srv.HTTPAddr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cp := &consulProxy{counts: map[string]int{}}
+	rp := httputil.NewSingleHostReverseProxy(target)
+	rp.ErrorLog = log.New(cp, "", 0)
+	hs := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		cp.mu.Lock()
+		cp.counts[r.Method+" "+r.URL.Path]++
+		cp.mu.Unlock()
+		rp.ServeHTTP(w, r)
+	}))
+	t.Cleanup(hs.Close)
+	cp.addr = strings.TrimPrefix(hs.URL, "http://")
+	return cp
+}
+
 func (cp *consulProxy) snapshot() map[string]int {
 	cp.mu.Lock()
 	defer cp.mu.Unlock()
@@ -352,26 +372,6 @@ func (cp *consulProxy) count(key string) int {
 	cp.mu.Lock()
 	defer cp.mu.Unlock()
 	return cp.counts[key]
-}
-
-func newConsulProxy(t *testing.T, srv *testConsul) *consulProxy {
-	t.Helper()
-	target, err := url.Parse("http://" + srv.HTTPAddr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cp := &consulProxy{counts: map[string]int{}}
-	rp := httputil.NewSingleHostReverseProxy(target)
-	rp.ErrorLog = log.New(cp, "", 0)
-	hs := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		cp.mu.Lock()
-		cp.counts[r.Method+" "+r.URL.Path]++
-		cp.mu.Unlock()
-		rp.ServeHTTP(w, r)
-	}))
-	t.Cleanup(hs.Close)
-	cp.addr = strings.TrimPrefix(hs.URL, "http://")
-	return cp
 }
 
 // TestNodeProbeUnchangedNotRewritten: a steady node is written once, then only probed; its
