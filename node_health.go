@@ -3,6 +3,13 @@ package main
 // node_health.go owns the node-failure state machine: the externalNodeHealth check writes (with
 // their debounce), the first-failure marker at <kv>probes/<node>, and the decision to reap a node
 // that stayed unreachable for node_reconnect_timeout.
+//
+// A ping that answers makes the node passing and deletes its marker. The first failed ping makes
+// it critical and writes the marker (the failure clock starts); later failures keep it critical,
+// and the first one after node_reconnect_timeout reaps node and marker in one transaction. A
+// re-registration of the node restarts the clock. Marker writes and the reap are check-and-sets, so
+// instances briefly probing the same node during a rebalance cannot reset each other's clock, and a
+// node re-registered during its last ping is not reaped.
 
 import (
 	"context"
@@ -34,6 +41,7 @@ type failureMarker struct {
 	restart bool
 }
 
+// prefetchMarkers seeds the failure markers of new nodes from one list of <kv>probes/.
 func (nm *NodeMonitor) prefetchMarkers(ctx context.Context, fresh []string) {
 	prefix := nm.agent.kvPath() + "probes/"
 	pairs, _, err := nm.agent.client.KV().List(prefix, nm.agent.queryOptions(ctx))
