@@ -50,7 +50,7 @@ type Agent struct {
 	enterprise atomic.Bool
 
 	runner    *CheckRunner
-	prober    *NodeProber
+	monitor   *NodeMonitor
 	status    *agentStatus
 	beats     atomic.Uint64 // agentless heartbeats that Consul accepted (heartbeat.go)
 	telemetry *telemetry
@@ -107,7 +107,7 @@ func NewAgent(cfg *Config, logger hclog.Logger, opts AgentOptions) (*Agent, erro
 		return nil, err
 	}
 	a.runner = newCheckRunner(a, tlsCfg)
-	a.prober = newNodeProber(a)
+	a.monitor = newNodeMonitor(a)
 	if err := a.telemetry.registerCheckCollector(a.runner); err != nil {
 		a.telemetry.Close()
 		return nil, fmt.Errorf("registering per-check metrics: %w", err)
@@ -206,7 +206,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	start("leader", a.leaderLoop)
 	start("assignment", a.watchAssignment)
 	start("checks", a.runner.Run)
-	start("probes", a.prober.Run)
+	start("probes", a.monitor.Run)
 
 	<-ctx.Done()
 	wg.Wait()

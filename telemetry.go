@@ -366,7 +366,7 @@ func (a *Agent) collectStats(ctx context.Context) {
 		case <-tick.C:
 		}
 		a.telemetry.metrics.EmitRuntimeStats()
-		nodes, reachable := a.prober.Stats()
+		nodes, reachable := a.monitor.Stats()
 		metrics.SetGauge([]string{"esm", "probes", "monitored"}, float32(nodes))
 		metrics.SetGauge([]string{"esm", "probes", "reachable"}, float32(reachable))
 	}
@@ -413,7 +413,7 @@ func (a *Agent) health(now time.Time) (healthReport, bool) {
 	s := a.status
 	r := healthReport{Leader: s.leader.Load(), Registered: s.registered.Load()}
 	r.AssignedNodes, r.Checks, r.ChecksPassing = a.runner.Stats()
-	r.ProbeNodes, _ = a.prober.Stats()
+	r.ProbeNodes, _ = a.monitor.Stats()
 	var last time.Time
 	if n := s.lastContact.Load(); n != 0 {
 		last = time.Unix(0, n)

@@ -40,7 +40,7 @@ func (a *Agent) watchAssignment(ctx context.Context) {
 		}
 		last, bad, applied = value, nil, true
 		a.runner.SetNodes(as.all())
-		a.prober.SetNodes(as.Probes)
+		a.monitor.SetNodes(as.Probes)
 		return meta.LastIndex, nil
 	})
 }

@@ -3,7 +3,9 @@ package main
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
+	"os"
 	"slices"
 	"strconv"
 	"strings"
@@ -12,7 +14,126 @@ import (
 	"time"
 
 	"github.com/hashicorp/consul/api"
+	"golang.org/x/net/icmp"
 )
+
+// icmpPingType returns a ping_type that works on this machine, or skips the test saying why none
+// does.
+func icmpPingType(t *testing.T) string {
+	t.Helper()
+	pingType, whyNot := icmpPingTypeAt("udp4", "ip4:icmp", "127.0.0.1")
+	if pingType == "" {
+		t.Skip(whyNot)
+	}
+	return pingType
+}
+
+// icmpPingTypeAt finds the ping_type that works for one address family, given the unprivileged and
+// raw ICMP networks to try on the loopback address addr; "" and the reason when neither does.
+func icmpPingTypeAt(udpNet, rawNet, addr string) (pingType, whyNot string) {
+	c, udpErr := icmp.ListenPacket(udpNet, addr)
+	if udpErr == nil {
+		c.Close()
+		return "udp", ""
+	}
+	c, rawErr := icmp.ListenPacket(rawNet, addr)
+	if rawErr == nil {
+		c.Close()
+		return "socket", ""
+	}
+	rng, _ := os.ReadFile("/proc/sys/net/ipv4/ping_group_range")
+	return "", fmt.Sprintf("cannot send real ICMP pings here: unprivileged ICMP sockets are refused (net.ipv4.ping_group_range=%q does not cover gid %d: %v) "+
+		"and raw ICMP sockets need root or CAP_NET_RAW (%v)", strings.Join(strings.Fields(string(rng)), " "), os.Getgid(), udpErr, rawErr)
+}
+
+// TestNodeProbeRealPing runs the whole agent with the real pinger: the leader assigns the probe
+// node, the node monitor pings 127.0.0.1, marks it passing and writes its coordinate.
+func TestNodeProbeRealPing(t *testing.T) {
+	t.Parallel()
+	pingType := icmpPingType(t)
+	srv := newTestConsul(t)
+	cfg := testConfig(srv)
+	cfg.PingType = pingType
+	ra := startAgent(t, cfg)
+	registerExternalNode(t, srv.Client, "ext-real", true)
+
+	waitNodeCheck(t, srv.Client, "ext-real", api.HealthPassing)
+	waitCoordinate(t, srv.Client, "ext-real")
+	if n, up := ra.monitor.Stats(); n != 1 || up != 1 {
+		t.Fatalf("Stats() = %d nodes, %d reachable; want 1, 1", n, up)
+	}
+	logs := ra.logs.String()
+	if !strings.Contains(logs, "[DEBUG] consul-esm.probes: Updated coordinates") {
+		t.Fatalf("no DEBUG 'Updated coordinates' line in:\n%s", logs)
+	}
+	if strings.Contains(logs, "[INFO]  consul-esm.probes: Updated coordinates") {
+		t.Fatal("'Updated coordinates' logged at INFO (original issue #214)")
+	}
+	for _, want := range []string{"Now running probes for external nodes: count=1", "Fetched nodes from catalog: count=1"} {
+		if !strings.Contains(logs, want) {
+			t.Errorf("log lacks %q", want)
+		}
+	}
+	t.Logf("ping_type %q", pingType)
+}
+
+// TestNodeProbePermissionError checks the not-permitted path of the real pinger: one clear error
+// naming the sysctl, logged once, and no node marked critical for our own misconfiguration.
+func TestNodeProbePermissionError(t *testing.T) {
+	t.Parallel()
+	if c, err := icmp.ListenPacket("udp4", "127.0.0.1"); err == nil {
+		c.Close()
+		rng, _ := os.ReadFile("/proc/sys/net/ipv4/ping_group_range")
+		t.Skipf("unprivileged ICMP is permitted here (net.ipv4.ping_group_range=%q covers gid %d), so the not-permitted path cannot be exercised",
+			strings.Join(strings.Fields(string(rng)), " "), os.Getgid())
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	_, err := icmpPinger{}.Ping(ctx, "127.0.0.1")
+	var perm *pingPermissionError
+	if !errors.As(err, &perm) {
+		t.Fatalf("Ping error = %v, want a pingPermissionError", err)
+	}
+	for _, want := range []string{"net.ipv4.ping_group_range", `sudo sysctl -w net.ipv4.ping_group_range="0 2147483647"`, `ping_type "socket"`} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error %q lacks %q", err, want)
+		}
+	}
+
+	srv := newTestConsul(t)
+	cfg := probeTestConfig(srv)
+	cfg.PingType = "udp"
+	registerProbeNode(t, srv.Client, "perm-1", "127.0.0.1", nil)
+	registerProbeNode(t, srv.Client, "perm-2", "127.0.0.1", nil)
+	r := startMonitor(t, cfg, nil)
+	r.nm.SetNodes([]string{"perm-1", "perm-2"})
+	// Several rounds of pings, each refused.
+	waitFor(t, 10*time.Second, func() error {
+		if n := strings.Count(r.logs.String(), "ICMP ping is not permitted"); n != 1 {
+			return fmt.Errorf("%d 'not permitted' lines", n)
+		}
+		return nil
+	})
+	start := time.Now()
+	waitFor(t, 5*time.Second, func() error {
+		if time.Since(start) < 5*cfg.NodeProbeInterval {
+			return errNotYet
+		}
+		return nil
+	})
+	logs := r.logs.String()
+	if n := strings.Count(logs, "ICMP ping is not permitted"); n != 1 {
+		t.Fatalf("'not permitted' logged %d times, want once:\n%s", n, logs)
+	}
+	if strings.Contains(logs, "could not ping node") {
+		t.Fatal("a local permission problem was reported as an unreachable node")
+	}
+	for _, n := range []string{"perm-1", "perm-2"} {
+		if hc, err := nodeHealthCheck(srv.Client, n); err != nil || hc != nil {
+			t.Fatalf("%s: check %+v (err %v) written although no ping could be sent", n, hc, err)
+		}
+	}
+}
 
 // tcpAcceptor listens on host (a loopback address) and closes every connection it accepts, as a
 // service that is up but says nothing. stop closes the listener (idempotent; also at cleanup).
@@ -56,7 +177,7 @@ func closedTCPPort(t *testing.T) string {
 
 func TestNodeProbeTarget(t *testing.T) {
 	icmpFake, tcpFake := newFakePinger(), newFakePinger()
-	p := &NodeProber{pinger: icmpFake, tcpPinger: tcpFake}
+	nm := &NodeMonitor{pinger: icmpFake, tcpPinger: tcpFake}
 	cases := []struct {
 		name       string
 		rec        nodeRecord
@@ -74,7 +195,7 @@ func TestNodeProbeTarget(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			pg, addr, icmp := p.probeTarget(&Config{NodeProbePort: tc.globalPort}, tc.rec)
+			pg, addr, icmp := nm.probeTarget(&Config{NodeProbePort: tc.globalPort}, tc.rec)
 			isTCP := pg == pinger(tcpFake)
 			if isTCP != tc.wantTCP || icmp == tc.wantTCP || addr != tc.wantAddr {
 				t.Fatalf("got (tcp=%v, icmp=%v, %q), want tcp=%v %q", isTCP, icmp, addr, tc.wantTCP, tc.wantAddr)
@@ -112,6 +233,7 @@ func TestNodeProbeRecordPort(t *testing.T) {
 // node_reconnect_timeout), nodes without it keep ICMP, and a meta value that is no port gets the node
 // an error line and no probe at all.
 func TestNodeProbeTCP(t *testing.T) {
+	t.Parallel()
 	srv := newTestConsul(t)
 	c := srv.Client
 	cfg := probeTestConfig(srv)
@@ -122,8 +244,8 @@ func TestNodeProbeTCP(t *testing.T) {
 	registerProbeNode(t, c, "tcp-bad", "127.0.0.1", map[string]string{probePortMetaKey: "https"})
 	registerProbeNode(t, c, "icmp-node", "127.0.0.4", nil)
 	fp := newFakePinger() // ICMP: every address answers
-	r := startProber(t, cfg, fp)
-	r.p.SetNodes([]string{"tcp-up", "tcp-closed", "tcp-bad", "icmp-node"})
+	r := startMonitor(t, cfg, fp)
+	r.nm.SetNodes([]string{"tcp-up", "tcp-closed", "tcp-bad", "icmp-node"})
 
 	// First the node that gets reaped, while it still exists: the coordinate below can take seconds.
 	waitNodeCheck(t, c, "tcp-closed", api.HealthCritical)
@@ -171,6 +293,7 @@ func TestNodeProbeTCP(t *testing.T) {
 // TestNodeProbeTCPGlobalPort: node_probe_port probes every node without the meta by TCP, and a
 // reload back to 0 returns them to ICMP.
 func TestNodeProbeTCPGlobalPort(t *testing.T) {
+	t.Parallel()
 	srv := newTestConsul(t)
 	c := srv.Client
 	port, _ := tcpAcceptor(t, "127.0.0.1")
@@ -179,8 +302,8 @@ func TestNodeProbeTCPGlobalPort(t *testing.T) {
 	registerProbeNode(t, c, "global-tcp", "127.0.0.1", nil)
 	fp := newFakePinger()
 	fp.set("127.0.0.1", func(context.Context, int) (time.Duration, error) { return 0, pingDown("127.0.0.1") })
-	r := startProber(t, cfg, fp)
-	r.p.SetNodes([]string{"global-tcp"})
+	r := startMonitor(t, cfg, fp)
+	r.nm.SetNodes([]string{"global-tcp"})
 
 	waitNodeCheck(t, c, "global-tcp", api.HealthPassing)
 	waitCoordinate(t, c, "global-tcp")
