@@ -20,8 +20,8 @@ const agentlessMinServer = ">= 1.21.0"
 
 func (a *Agent) agentlessNode() string        { return a.serviceID + ":node" }
 func (a *Agent) sessionCheckID() string       { return a.serviceID + ":session-check" }
-func (a *Agent) healthSessionName() string    { return a.serviceID + ":health-session" }
-func (a *Agent) healthSessionKey() string     { return a.kvPath() + a.serviceID + ":health-session" }
+func (a *Agent) healthSessionName() string    { return a.serviceID + healthSessionSuffix }
+func (a *Agent) healthSessionKey() string     { return a.kvPath() + a.serviceID + healthSessionSuffix }
 func (a *Agent) agentlessNodeAddress() string { return "esm-" + a.serviceID }
 
 // registerAgentless refuses a service ID whose session check is still passing (a live instance),

@@ -13,6 +13,11 @@ import (
 	"github.com/hashicorp/consul/api"
 )
 
+// The leader loop: each round creates a session (session.go), campaigns with it for <kv>leader
+// (election.go), does the leader's work until the term ends, and resigns. The watches the leader
+// works from (external nodes, healthy instances) are here too; the assignment it writes is in
+// assignment.go and assignment_kv.go.
+
 // errLeadershipLost ends a leadership term.
 var errLeadershipLost = errors.New("leadership lost")
 
