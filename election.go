@@ -32,7 +32,8 @@ type term struct {
 
 // campaign blocks until sess holds key, and returns the term that then begins. It fails when ctx
 // ends, when sess stops being refreshed first ("leader session: ..."), or when Consul refuses an
-// acquire outright.
+// acquire outright. A failed campaign may still have won the key (the answer to a granted acquire
+// lost): the caller releases it with releaseLock, or destroys the session.
 func campaign(ctx context.Context, a *Agent, sess *session, key string) (*term, error) {
 	actx, cancel := context.WithCancel(ctx)
 	acquired := make(chan error, 1)
@@ -44,15 +45,14 @@ func campaign(ctx context.Context, a *Agent, sess *session, key string) (*term, 
 	case <-sess.Done():
 		err = fmt.Errorf("leader session: %w", sess.Err())
 	case err = <-acquired:
-		if err == nil {
-			cancel()
-			return startTerm(ctx, a, sess, key), nil
+		cancel()
+		if err != nil {
+			return nil, err
 		}
+		return startTerm(ctx, a, sess, key), nil
 	}
 	cancel()
-	if aerr := <-acquired; aerr != nil && err == nil {
-		err = aerr
-	}
+	<-acquired
 	return nil, err
 }
 
