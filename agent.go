@@ -115,14 +115,9 @@ func NewAgent(cfg *Config, logger hclog.Logger, opts AgentOptions) (*Agent, erro
 	return a, nil
 }
 
-// newConsulClient builds the API client. The ACL token travels as a client header rather than in the
-// client config so SIGHUP can rotate it without rebuilding the client.
-func newConsulClient(cfg *Config) (*api.Client, error) {
-	client, _, err := newConsulClientHTTP(cfg)
-	return client, err
-}
-
-// newConsulClientHTTP is newConsulClient that also returns the HTTP client the API client uses.
+// newConsulClientHTTP builds the API client and returns the HTTP client it uses. The ACL token
+// travels as a client header rather than in the client config so SIGHUP can rotate it without
+// rebuilding the client.
 func newConsulClientHTTP(cfg *Config) (*api.Client, *http.Client, error) {
 	token, err := resolveToken(cfg)
 	if err != nil {
@@ -154,9 +149,6 @@ func (a *Agent) config() *Config {
 	defer a.cfgMu.RUnlock()
 	return a.cfg
 }
-
-// ServiceID is this instance's service ID, <consul_service>:<instance_id>.
-func (a *Agent) ServiceID() string { return a.serviceID }
 
 func (a *Agent) kvPath() string { return a.config().KVPath }
 
@@ -344,110 +336,4 @@ Log data will now stream in as it occurs:
 // Reload re-reads the config files (SIGHUP) and applies what can change at runtime.
 func (a *Agent) Reload() {
 	a.reloadConfig()
-}
-
-// sleepCtx waits for d or until ctx ends; it reports whether the full wait elapsed.
-func sleepCtx(ctx context.Context, d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return false
-	case <-t.C:
-		return true
-	}
-}
-
-// backoff doubles a wait from min to max; reset() after a success.
-type backoff struct {
-	min, max, cur time.Duration
-}
-
-func newBackoff(min, max time.Duration) *backoff {
-	if max < min {
-		max = min
-	}
-	return &backoff{min: min, max: max}
-}
-
-// next advances and returns the wait to use now.
-func (b *backoff) next() time.Duration {
-	switch {
-	case b.cur == 0:
-		b.cur = b.min
-	case b.cur < b.max:
-		b.cur *= 2
-		if b.cur > b.max {
-			b.cur = b.max
-		}
-	}
-	return b.cur
-}
-
-func (b *backoff) current() time.Duration {
-	if b.cur == 0 {
-		return b.next()
-	}
-	return b.cur
-}
-
-func (b *backoff) reset() { b.cur = 0 }
-
-// agentStatus is what /health reports; every field is safe for concurrent use.
-type agentStatus struct {
-	registered  atomic.Bool
-	leader      atomic.Bool
-	lastContact atomic.Int64 // unix nanos of the last successful Consul call
-	consulErr   atomic.Pointer[string]
-	// assignmentErr is set while this instance leads and cannot write an instance's assignment.
-	assignmentErr atomic.Pointer[string]
-
-	// recovered is signalled when a call succeeds after a failure: Consul is reachable again.
-	recovered chan struct{}
-	// ttlCurrent is false from a failed TTL refresh until the next successful one; ttlRefreshed is
-	// signalled on each success (agent mode).
-	ttlCurrent   atomic.Bool
-	ttlRefreshed chan struct{}
-}
-
-func newAgentStatus() *agentStatus {
-	s := &agentStatus{recovered: make(chan struct{}, 1), ttlRefreshed: make(chan struct{}, 1)}
-	s.ttlCurrent.Store(true)
-	return s
-}
-
-// setTTLCurrent records the outcome of a TTL refresh.
-func (s *agentStatus) setTTLCurrent(ok bool) {
-	s.ttlCurrent.Store(ok)
-	if ok {
-		wake(s.ttlRefreshed)
-	}
-}
-
-// waitTTLCurrent blocks until the last TTL refresh succeeded; false when ctx ended first.
-func (s *agentStatus) waitTTLCurrent(ctx context.Context) bool {
-	for !s.ttlCurrent.Load() {
-		select {
-		case <-ctx.Done():
-			return false
-		case <-s.ttlRefreshed:
-		}
-	}
-	return true
-}
-
-func (s *agentStatus) setRegistered(v bool) { s.registered.Store(v) }
-
-func (s *agentStatus) setAssignmentErr(msg *string) { s.assignmentErr.Store(msg) }
-
-func (s *agentStatus) contact() {
-	s.lastContact.Store(time.Now().UnixNano())
-	if s.consulErr.Swap(nil) != nil {
-		wake(s.recovered)
-	}
-}
-
-func (s *agentStatus) failed(err error) {
-	msg := err.Error()
-	s.consulErr.Store(&msg)
 }

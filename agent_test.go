@@ -32,7 +32,7 @@ func TestAgentRegistrationLifecycle(t *testing.T) {
 	cfg := testConfig(srv)
 	cfg.Tag = "blue"
 	ra := startAgent(t, cfg)
-	id := ra.ServiceID()
+	id := ra.serviceID
 	if !strings.HasPrefix(id, "consul-esm:") || len(id) != len("consul-esm:")+36 {
 		t.Fatalf("service ID %q is not consul-esm:<uuid>", id)
 	}
@@ -96,7 +96,7 @@ func TestAgentDuplicateInstanceID(t *testing.T) {
 	cfg.InstanceID = "fixed"
 	crashed := startAgentOpts(t, cfg, AgentOptions{crashOnStop: true})
 	waitFor(t, 10*time.Second, func() error {
-		if _, check := serviceEntry(t, srv.Client, crashed.ServiceID()); check == nil || check.Status != api.HealthPassing {
+		if _, check := serviceEntry(t, srv.Client, crashed.serviceID); check == nil || check.Status != api.HealthPassing {
 			return errNotYet
 		}
 		return nil
@@ -125,7 +125,7 @@ func TestAgentDuplicateInstanceID(t *testing.T) {
 		if !restarted.status.registered.Load() {
 			return errNotYet
 		}
-		if _, check := serviceEntry(t, srv.Client, restarted.ServiceID()); check == nil || check.Status != api.HealthPassing {
+		if _, check := serviceEntry(t, srv.Client, restarted.serviceID); check == nil || check.Status != api.HealthPassing {
 			return errNotYet
 		}
 		return nil
@@ -210,14 +210,14 @@ func waitAssigned(t *testing.T, c *api.Client, agents []*runningAgent, nodes []s
 		}
 		var all []string
 		for _, a := range agents {
-			as, ok := got[a.ServiceID()]
+			as, ok := got[a.serviceID]
 			if !ok {
-				return fmt.Errorf("no key for %s", a.ServiceID())
+				return fmt.Errorf("no key for %s", a.serviceID)
 			}
 			all = append(all, as.all()...)
 			// The worker applied it: the runner has exactly these nodes.
 			if have, want := sorted(a.runner.Nodes()), sorted(as.all()); !slices.Equal(have, want) {
-				return fmt.Errorf("%s runs %v, assigned %v", a.ServiceID(), have, want)
+				return fmt.Errorf("%s runs %v, assigned %v", a.serviceID, have, want)
 			}
 		}
 		if !slices.Equal(sorted(all), sorted(nodes)) {

@@ -20,8 +20,8 @@ const agentlessMinServer = ">= 1.21.0"
 
 func (a *Agent) agentlessNode() string        { return a.serviceID + ":node" }
 func (a *Agent) sessionCheckID() string       { return a.serviceID + ":session-check" }
-func (a *Agent) healthSessionName() string    { return a.serviceID + ":health-session" }
-func (a *Agent) healthSessionKey() string     { return a.kvPath() + a.serviceID + ":health-session" }
+func (a *Agent) healthSessionName() string    { return a.serviceID + healthSessionSuffix }
+func (a *Agent) healthSessionKey() string     { return a.kvPath() + a.serviceID + healthSessionSuffix }
 func (a *Agent) agentlessNodeAddress() string { return "esm-" + a.serviceID }
 
 // registerAgentless refuses a service ID whose session check is still passing (a live instance),
@@ -161,14 +161,14 @@ func (a *Agent) holdHealthSession(ctx context.Context) {
 	b := newBackoff(time.Second, a.config().RetryInterval)
 	for ctx.Err() == nil {
 		a.logger.Info("Agent: Trying to obtain health check session...")
-		id, _, err := a.client.Session().Create(&api.SessionEntry{
+		sess, err := newSession(ctx, a, &api.SessionEntry{
 			Name:       a.healthSessionName(),
 			Node:       a.agentlessNode(),
 			TTL:        a.config().SessionTTL.String(),
 			Behavior:   api.SessionBehaviorRelease,
 			NodeChecks: []string{a.sessionCheckID()},
 			LockDelay:  time.Nanosecond, // no lock delay on our own per-instance key
-		}, a.writeOptions(ctx))
+		})
 		if err != nil {
 			if ctx.Err() != nil {
 				return
@@ -179,53 +179,55 @@ func (a *Agent) holdHealthSession(ctx context.Context) {
 			continue
 		}
 		// The value is a heartbeat count from the start (heartbeat.go), which marks the key as ours.
-		ok, _, err := a.client.KV().Acquire(&api.KVPair{Key: a.healthSessionKey(), Flags: lockFlagValue, Session: id,
+		ok, _, err := a.client.KV().Acquire(&api.KVPair{Key: a.healthSessionKey(), Flags: lockFlagValue, Session: sess.ID(),
 			Value: strconv.AppendUint(nil, a.beats.Load(), 10)}, a.writeOptions(ctx))
 		if err != nil || !ok {
 			if ctx.Err() == nil {
 				a.logger.Error("Agent: Error trying to get session lock (will retry)", "error", err)
 			}
-			a.destroySession(ctx, id)
+			a.destroySession(ctx, sess)
 			sleepCtx(ctx, b.next())
 			continue
 		}
 		a.logger.Info("Agent: Obtained lock")
 		b.reset()
-		err = a.holdWithHeartbeat(ctx, id)
+		err = a.holdWithHeartbeat(ctx, sess)
 		if ctx.Err() == nil {
 			a.logger.Warn("Agent: Lost the lock", "error", err)
 		}
-		a.destroySession(ctx, id)
+		a.destroySession(ctx, sess)
 	}
 }
 
-// holdWithHeartbeat renews the health session and heartbeats on its key until either fails or ctx
-// ends, and returns the first failure.
-func (a *Agent) holdWithHeartbeat(ctx context.Context, id string) error {
+// holdWithHeartbeat heartbeats on the health-session key until the heartbeat fails, the session is
+// no longer refreshed or ctx ends, and returns the first failure.
+func (a *Agent) holdWithHeartbeat(ctx context.Context, sess *session) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	errs := make(chan error, 2)
-	var wg sync.WaitGroup
-	wg.Add(2)
-	go func() { defer wg.Done(); errs <- a.renewSession(ctx, id) }()
-	go func() { defer wg.Done(); errs <- a.heartbeat(ctx, id) }()
-	err := <-errs
-	cancel()
-	wg.Wait()
-	return err
+	beat := make(chan error, 1)
+	go func() { beat <- a.heartbeat(ctx, sess.ID()) }()
+	select {
+	case <-sess.Done():
+		cancel()
+		<-beat
+		return sess.Err()
+	case err := <-beat:
+		return err
+	}
 }
 
 // destroySession releases what the session holds; during shutdown it uses the shutdown budget.
-func (a *Agent) destroySession(ctx context.Context, id string) {
+func (a *Agent) destroySession(ctx context.Context, sess *session) {
 	cctx := ctx
 	if ctx.Err() != nil {
 		if a.opts.crashOnStop {
+			_ = sess.Close(ctx) // ctx has ended: Close only stops the renewal, as a crash would
 			return
 		}
 		cctx = a.shutdownContext()
 	}
-	if _, err := a.client.Session().Destroy(id, a.writeOptions(cctx)); err != nil {
-		a.logger.Debug("Destroying session failed", "session", id, "error", err)
+	if err := sess.Close(cctx); err != nil {
+		a.logger.Debug("Destroying session failed", "session", sess.ID(), "error", err)
 	}
 }
 

@@ -34,7 +34,7 @@ func sessionCheck(t *testing.T, c *api.Client, a *runningAgent) *api.HealthCheck
 func TestAgentlessRegistrationLifecycle(t *testing.T) {
 	srv := newTestConsul(t)
 	ra := startAgent(t, agentlessConfig(srv))
-	id := ra.ServiceID()
+	id := ra.serviceID
 
 	waitFor(t, 15*time.Second, func() error {
 		node, _, err := srv.Client.Catalog().Node(ra.agentlessNode(), nil)

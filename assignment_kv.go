@@ -134,7 +134,7 @@ func decodeStored(stored map[string]storedKey) map[string]assignment {
 func (a *Agent) watchAssignmentKeys(ctx context.Context, out chan map[string]storedKey) {
 	prefix := a.kvPath() + "agents/"
 	var lastIndex uint64
-	blockingWatch(ctx, a, "Error querying for assignments", func(q *api.QueryOptions) (uint64, error) {
+	_ = blockingQuery(ctx, a, "Error querying for assignments", nil, func(q *api.QueryOptions) (uint64, error) {
 		pairs, meta, err := a.client.KV().List(prefix, q)
 		if err != nil {
 			return 0, err

@@ -27,7 +27,7 @@ func TestLeaderRewritesDriftedAssignments(t *testing.T) {
 	second := startAgent(t, testConfig(srv))
 	agents := []*runningAgent{first, second}
 	want := waitAssigned(t, srv.Client, agents, nodes)
-	key := "consul-esm/agents/" + second.ServiceID()
+	key := "consul-esm/agents/" + second.serviceID
 	rolledBack := assignment{Nodes: nodes} // what the key held before the second instance joined
 
 	for _, tc := range []struct {
@@ -45,8 +45,8 @@ func TestLeaderRewritesDriftedAssignments(t *testing.T) {
 		}
 		waitFor(t, 5*time.Second, func() error {
 			got, _ := kvAssignments(t, srv.Client)
-			if as, ok := got[second.ServiceID()]; !ok || !as.equal(want[second.ServiceID()]) {
-				return fmt.Errorf("key %s holds %+v, want %+v", key, as, want[second.ServiceID()])
+			if as, ok := got[second.serviceID]; !ok || !as.equal(want[second.serviceID]) {
+				return fmt.Errorf("key %s holds %+v, want %+v", key, as, want[second.serviceID])
 			}
 			return nil
 		})
@@ -99,7 +99,7 @@ func TestWorkerKeepsAssignmentOnMalformedKey(t *testing.T) {
 	cfg := testConfig(srv)
 	cfg.QueryWaitTime = 300 * time.Millisecond
 	ra := startAgent(t, cfg)
-	key := "consul-esm/agents/" + ra.ServiceID()
+	key := "consul-esm/agents/" + ra.serviceID
 	if err := putKV(srv.Client, key, `{"Nodes":["n1","n2"],"Probes":[]}`); err != nil {
 		t.Fatal(err)
 	}
@@ -195,12 +195,12 @@ func TestAssignmentOf50kNodes(t *testing.T) {
 		got, _ := kvAssignments(t, srv.Client)
 		total := 0
 		for _, a := range agents {
-			as := got[a.ServiceID()]
+			as := got[a.serviceID]
 			if len(as.Nodes) != len(names)/len(agents) {
-				return fmt.Errorf("%s assigned %d nodes", a.ServiceID(), len(as.Nodes))
+				return fmt.Errorf("%s assigned %d nodes", a.serviceID, len(as.Nodes))
 			}
 			if n := len(a.runner.Nodes()); n != len(as.Nodes) {
-				return fmt.Errorf("%s runs %d nodes, assigned %d", a.ServiceID(), n, len(as.Nodes))
+				return fmt.Errorf("%s runs %d nodes, assigned %d", a.serviceID, n, len(as.Nodes))
 			}
 			total += len(as.Nodes)
 		}

@@ -168,7 +168,7 @@ func waitLeader(t testing.TB, ra *runningAgent, timeout time.Duration) {
 
 func TestHarnessConsulSmoke(t *testing.T) {
 	srv := newTestConsul(t)
-	client, err := newConsulClient(testConfig(srv))
+	client, _, err := newConsulClientHTTP(testConfig(srv))
 	if err != nil {
 		t.Fatal(err)
 	}

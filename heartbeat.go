@@ -142,7 +142,7 @@ func (a *Agent) watchHeartbeats(ctx context.Context) {
 // watchHeartbeatKeys lists the health-session keys under prefix with a blocking query and sends each
 // listing (peer service ID -> ModifyIndex) to listings, and a signal to failed when a query fails.
 func (a *Agent) watchHeartbeatKeys(ctx context.Context, prefix string, listings chan map[string]uint64, failed chan struct{}) {
-	blockingWatch(ctx, a, "Error watching instance heartbeats", func(q *api.QueryOptions) (uint64, error) {
+	_ = blockingQuery(ctx, a, "Error watching instance heartbeats", nil, func(q *api.QueryOptions) (uint64, error) {
 		pairs, meta, err := a.client.KV().List(prefix, q)
 		if err != nil {
 			sendLatest(failed, struct{}{})

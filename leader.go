@@ -13,9 +13,10 @@ import (
 	"github.com/hashicorp/consul/api"
 )
 
-// lockFlagValue marks <kv>leader as a lock key, the same magic value api.Lock uses, so ours and the
-// original's instances contend for one lock during a rolling upgrade.
-const lockFlagValue = 0x2ddccbc058a50c18
+// The leader loop: each round creates a session (session.go), campaigns with it for <kv>leader
+// (election.go), does the leader's work until the term ends, and resigns. The watches the leader
+// works from (external nodes, healthy instances) are here too; the assignment it writes is in
+// assignment.go and assignment_kv.go.
 
 // errLeadershipLost ends a leadership term.
 var errLeadershipLost = errors.New("leadership lost")
@@ -29,11 +30,11 @@ func (a *Agent) leaderLoop(ctx context.Context) {
 	b := newBackoff(time.Second, a.config().RetryInterval)
 	// abandoned is a session whose release failed (Consul unreachable when the term ended). Until it
 	// is destroyed it may still hold the lock, keeping every instance from leading until it expires.
-	var abandoned string
+	var abandoned *session
 	for ctx.Err() == nil {
-		if abandoned != "" {
-			if _, err := a.client.Session().Destroy(abandoned, a.writeOptions(ctx)); err == nil {
-				abandoned = ""
+		if abandoned != nil {
+			if err := abandoned.Close(ctx); err == nil {
+				abandoned = nil
 			}
 		}
 		// A session made while our own TTL check is critical in the agent but not yet in the catalog
@@ -43,17 +44,20 @@ func (a *Agent) leaderLoop(ctx context.Context) {
 			return
 		}
 		a.logger.Info("Trying to obtain leadership...")
-		sess, err := a.createLeaderSession(ctx)
+		sess, err := newSession(ctx, a, a.leaderSessionEntry())
 		if err != nil {
 			if ctx.Err() != nil {
 				return
 			}
-			a.logger.Error("Error trying to create leader lock (will retry)", "error", err)
+			a.logger.Error("Error trying to create leader lock (will retry)", "error", fmt.Errorf("creating leader session: %w", err))
 			sleepCtx(ctx, b.next())
 			continue
 		}
-		err = a.leaderTerm(ctx, sess)
-		if !a.releaseLeaderLock(ctx, sess) {
+		t, err := campaign(ctx, a, sess, a.leaderKey())
+		if err == nil {
+			err = a.lead(ctx, sess, t)
+		}
+		if !a.resign(ctx, sess, t) {
 			abandoned = sess
 		}
 		switch {
@@ -68,7 +72,8 @@ func (a *Agent) leaderLoop(ctx context.Context) {
 	}
 }
 
-func (a *Agent) createLeaderSession(ctx context.Context) (string, error) {
+// leaderSessionEntry describes the session that holds the leader lock.
+func (a *Agent) leaderSessionEntry() *api.SessionEntry {
 	cfg := a.config()
 	entry := &api.SessionEntry{
 		Name:      "Consul API Lock",
@@ -86,46 +91,19 @@ func (a *Agent) createLeaderSession(ctx context.Context) (string, error) {
 		entry.Checks = nil
 		entry.NodeChecks = []string{a.sessionCheckID()}
 	}
-	id, _, err := a.client.Session().Create(entry, a.writeOptions(ctx))
-	if err != nil {
-		return "", fmt.Errorf("creating leader session: %w", err)
-	}
-	return id, nil
+	return entry
 }
 
-// leaderTerm holds the session alive, acquires the lock and leads until the term ends.
-func (a *Agent) leaderTerm(ctx context.Context, sess string) error {
-	// Deferred calls run last-in first-out: the term's goroutines are cancelled first and then
-	// waited for. The other order waits forever whenever the term ends while ctx is still alive
-	// (session invalidated, lock lost), leaving leader work running without the lock.
+// lead does the leader's work until the term ends, and returns errLeadershipLost then (ctx's error
+// when ctx ended). The work has stopped when it returns.
+func (a *Agent) lead(ctx context.Context, sess *session, t *term) error {
+	// Deferred calls run last-in first-out: the work is cancelled first and then waited for. The
+	// other order waits forever whenever the term ends while ctx is still alive (session
+	// invalidated, lock lost), leaving leader work running without the lock.
 	var wg sync.WaitGroup
 	defer wg.Wait()
-	termCtx, cancel := context.WithCancel(ctx)
+	workCtx, cancel := context.WithCancel(ctx)
 	defer cancel()
-
-	renewErr := make(chan error, 1)
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		renewErr <- a.renewSession(termCtx, sess)
-	}()
-
-	acquired := make(chan error, 1)
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		acquired <- a.acquireLock(termCtx, sess)
-	}()
-	select {
-	case <-ctx.Done():
-		return ctx.Err()
-	case err := <-renewErr:
-		return fmt.Errorf("leader session: %w", err)
-	case err := <-acquired:
-		if err != nil {
-			return err
-		}
-	}
 
 	a.logger.Info("Obtained leadership")
 	a.status.leader.Store(true)
@@ -137,149 +115,36 @@ func (a *Agent) leaderTerm(ctx context.Context, sess string) error {
 		a.reportOversize(nil)
 	}()
 
-	// Both goroutines may report; two slots keep the second from blocking wg.Wait.
-	lost := make(chan error, 2)
-	wg.Add(2)
+	deposed := make(chan error, 1)
+	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		lost <- a.monitorLock(termCtx, sess)
-	}()
-	go func() {
-		defer wg.Done()
-		if err := a.leaderWork(termCtx, sess); err != nil {
-			lost <- err
+		if err := a.leaderWork(workCtx, sess.ID()); err != nil {
+			deposed <- err
 		}
 	}()
 	select {
 	case <-ctx.Done():
 		return ctx.Err()
-	case err := <-renewErr:
-		a.logger.Warn("Lost leadership", "reason", err)
-	case err := <-lost:
+	case <-t.Done():
+		a.logger.Warn("Lost leadership", "reason", t.Err())
+	case err := <-deposed:
 		a.logger.Warn("Lost leadership", "reason", err)
 	}
 	return errLeadershipLost
 }
 
-// renewSession renews the session every TTL/2 until ctx ends. It gives up once the session is gone or
-// no renewal succeeded for a whole TTL, because by then Consul may have invalidated it.
-func (a *Agent) renewSession(ctx context.Context, sess string) error {
-	ttl := a.config().SessionTTL
-	lastOK := time.Now()
-	for {
-		if !sleepCtx(ctx, ttl/2) {
-			return ctx.Err()
-		}
-		entry, _, err := a.client.Session().Renew(sess, a.writeOptions(ctx))
-		switch {
-		case ctx.Err() != nil:
-			return ctx.Err()
-		case err == nil && entry == nil:
-			return errors.New("session was invalidated")
-		case err == nil:
-			lastOK = time.Now()
-			a.status.contact()
-		case time.Since(lastOK) >= ttl:
-			return fmt.Errorf("renewing session: %w", err)
-		default:
-			a.status.failed(err)
-		}
-	}
-}
-
-// acquireLock blocks until the session holds <kv>leader or ctx ends.
-func (a *Agent) acquireLock(ctx context.Context, sess string) error {
-	key := a.leaderKey()
-	kv := a.client.KV()
-	var idx uint64
-	b := newBackoff(250*time.Millisecond, a.config().RetryInterval)
-	for {
-		q := a.queryOptions(ctx)
-		q.WaitIndex, q.WaitTime = idx, a.config().QueryWaitTime
-		pair, meta, err := kv.Get(key, q)
-		if err != nil {
-			if ctx.Err() != nil {
-				return ctx.Err()
-			}
-			a.status.failed(err)
-			idx = 0
-			sleepCtx(ctx, b.next())
-			continue
-		}
-		a.status.contact()
-		if pair != nil && pair.Session == sess {
-			return nil
-		}
-		if pair == nil || pair.Session == "" {
-			ok, _, err := kv.Acquire(&api.KVPair{Key: key, Flags: lockFlagValue, Session: sess}, a.writeOptions(ctx))
-			if err != nil {
-				return fmt.Errorf("acquiring %q: %w", key, err)
-			}
-			if ok {
-				return nil
-			}
-			// Refused while the lock-delay of a previous holder's session runs: poll until it ends.
-			if !sleepCtx(ctx, lockRetryWait(a.config().LockDelay)) {
-				return ctx.Err()
-			}
-			idx = 0
-			continue
-		}
-		b.reset()
-		idx = meta.LastIndex
-	}
-}
-
-func lockRetryWait(lockDelay time.Duration) time.Duration {
-	w := lockDelay / 8
-	if w < 100*time.Millisecond {
-		w = 100 * time.Millisecond
-	}
-	if w > 2*time.Second {
-		w = 2 * time.Second
-	}
-	return w
-}
-
-// monitorLock returns when <kv>leader no longer belongs to sess. Errors are tolerated for half a
-// session TTL: Consul cannot hand the lock to anyone else sooner than that.
-func (a *Agent) monitorLock(ctx context.Context, sess string) error {
-	key := a.leaderKey()
-	var idx uint64
-	var failingSince time.Time
-	grace := a.config().SessionTTL / 2
-	for {
-		q := a.queryOptions(ctx)
-		q.WaitIndex, q.WaitTime = idx, a.config().QueryWaitTime
-		pair, meta, err := a.client.KV().Get(key, q)
-		if err != nil {
-			if ctx.Err() != nil {
-				return ctx.Err()
-			}
-			a.status.failed(err)
-			if failingSince.IsZero() {
-				failingSince = time.Now()
-			} else if time.Since(failingSince) > grace {
-				return fmt.Errorf("watching %q: %w", key, err)
-			}
-			sleepCtx(ctx, 250*time.Millisecond)
-			continue
-		}
-		failingSince = time.Time{}
-		a.status.contact()
-		if pair == nil || pair.Session != sess {
-			return errors.New("lock key no longer held by our session")
-		}
-		idx = meta.LastIndex
-	}
-}
-
-// releaseLeaderLock releases the key and destroys the session so a peer can take over at once. It
-// reports whether the session is gone.
-func (a *Agent) releaseLeaderLock(ctx context.Context, sess string) bool {
+// resign releases the leader key and destroys the session so a peer can take over at once; t is nil
+// when the campaign failed. It reports whether the session is gone.
+func (a *Agent) resign(ctx context.Context, sess *session, t *term) bool {
 	cctx := ctx
 	if ctx.Err() != nil {
 		if a.opts.crashOnStop {
+			// As after SIGKILL, nothing is released: with ctx ended, Close only stops the goroutines.
+			if t != nil {
+				_ = t.Close(ctx)
+			}
+			_ = sess.Close(ctx)
 			return true
 		}
 		cctx = a.shutdownContext()
@@ -288,11 +153,17 @@ func (a *Agent) releaseLeaderLock(ctx context.Context, sess string) bool {
 		cctx, cancel = context.WithTimeout(ctx, shutdownBudget)
 		defer cancel()
 	}
-	_, _, err := a.client.KV().Release(&api.KVPair{Key: a.leaderKey(), Flags: lockFlagValue, Session: sess}, a.writeOptions(cctx))
+	var err error
+	if t != nil {
+		err = t.Close(cctx)
+	} else {
+		// A campaign that failed may have lost the answer to an acquire Consul granted.
+		err = releaseLock(cctx, a, sess.ID(), a.leaderKey())
+	}
 	if err != nil {
 		a.logger.Debug("Releasing leader lock failed", "error", err)
 	}
-	if _, err := a.client.Session().Destroy(sess, a.writeOptions(cctx)); err != nil {
+	if err := sess.Close(cctx); err != nil {
 		a.logger.Debug("Destroying leader session failed", "error", err)
 		return false
 	}
@@ -303,7 +174,7 @@ func (a *Agent) releaseLeaderLock(ctx context.Context, sess string) bool {
 func (a *Agent) watchExternalNodes(ctx context.Context, out chan []externalNode) {
 	var last []externalNode
 	first := true
-	blockingWatch(ctx, a, "Error getting external node list", func(q *api.QueryOptions) (uint64, error) {
+	_ = blockingQuery(ctx, a, "Error getting external node list", nil, func(q *api.QueryOptions) (uint64, error) {
 		q.NodeMeta = a.config().NodeMeta
 		q.AllowStale = a.config().StaleReadNodes
 		list, meta, err := a.client.Catalog().Nodes(q)
@@ -329,7 +200,7 @@ func (a *Agent) watchExternalNodes(ctx context.Context, out chan []externalNode)
 func (a *Agent) watchInstances(ctx context.Context, out chan []string) {
 	var last []string
 	first := true
-	blockingWatch(ctx, a, "[WARN] Error querying for health check info", func(q *api.QueryOptions) (uint64, error) {
+	_ = blockingQuery(ctx, a, "[WARN] Error querying for health check info", nil, func(q *api.QueryOptions) (uint64, error) {
 		cfg := a.config()
 		entries, meta, err := a.client.Health().Service(cfg.Service, cfg.Tag, true, q)
 		if err != nil {
@@ -348,56 +219,4 @@ func (a *Agent) watchInstances(ctx context.Context, out chan []string) {
 		}
 		return meta.LastIndex, nil
 	})
-}
-
-// blockingWatch runs fetch as a Consul blocking query (index + wait time) until ctx ends, backing off
-// on errors and logging each failure streak once.
-func blockingWatch(ctx context.Context, a *Agent, errMsg string, fetch func(q *api.QueryOptions) (uint64, error)) {
-	var idx uint64
-	b := newBackoff(250*time.Millisecond, a.config().RetryInterval)
-	failing := false
-	for ctx.Err() == nil {
-		q := a.queryOptions(ctx)
-		q.WaitIndex, q.WaitTime = idx, a.config().QueryWaitTime
-		next, err := fetch(q)
-		if err != nil {
-			if ctx.Err() != nil {
-				return
-			}
-			a.status.failed(err)
-			if !failing {
-				a.logger.Warn(errMsg, "error", err)
-				failing = true
-			}
-			idx = 0
-			sleepCtx(ctx, b.next())
-			continue
-		}
-		if failing {
-			a.logger.Info("Consul query recovered", "query", errMsg)
-		}
-		failing = false
-		b.reset()
-		a.status.contact()
-		// An index going backwards means Consul's state was reset (snapshot restore): start over.
-		if next < idx {
-			next = 0
-		}
-		idx = next
-	}
-}
-
-// sendLatest replaces whatever is waiting in a one-slot channel, so consumers only see the newest value.
-func sendLatest[T any](ch chan T, v T) {
-	for {
-		select {
-		case ch <- v:
-			return
-		default:
-			select {
-			case <-ch:
-			default:
-			}
-		}
-	}
 }

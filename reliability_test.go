@@ -423,7 +423,7 @@ func TestReliabilityConsulRestart(t *testing.T) {
 	}
 	for _, ra := range agents {
 		if n := strings.Count(ra.logs.String(), "[ERROR]"); n > 20 {
-			t.Errorf("%s logged %d errors over two Consul restarts", ra.ServiceID(), n)
+			t.Errorf("%s logged %d errors over two Consul restarts", ra.serviceID, n)
 		}
 	}
 }
@@ -491,7 +491,7 @@ func TestReliabilityLeaderCrashGaps(t *testing.T) {
 	waitLeader(t, crasher, 10*time.Second)
 	survivors := []*runningAgent{startAgent(t, testConfig(srv)), startAgent(t, testConfig(srv))}
 	before := waitAssigned(t, c, append([]*runningAgent{crasher}, survivors...), nodes)
-	orphans := before[crasher.ServiceID()].all()
+	orphans := before[crasher.serviceID].all()
 	waitStatuses(t, c, nodes, api.HealthPassing, 15*time.Second)
 	waitRunsSince(t, ht, nodes, time.Now(), 2, 10*time.Second) // steady state: every check runs
 
@@ -612,17 +612,17 @@ func TestReliabilityInstanceChurn(t *testing.T) {
 			if err := victim.stop(t); err != nil {
 				t.Fatal(err)
 			}
-			events = append(events, fmt.Sprintf("%s %s %s", at, how, victim.ServiceID()[len("consul-esm:"):][:8]))
+			events = append(events, fmt.Sprintf("%s %s %s", at, how, victim.serviceID[len("consul-esm:"):][:8]))
 		} else {
 			ra := start()
 			all, live = append(all, ra), append(live, ra)
-			events = append(events, fmt.Sprintf("%s start %s", at, ra.ServiceID()[len("consul-esm:"):][:8]))
+			events = append(events, fmt.Sprintf("%s start %s", at, ra.serviceID[len("consul-esm:"):][:8]))
 		}
 	}
 	if len(live) < 3 {
 		ra := start()
 		all, live = append(all, ra), append(live, ra)
-		events = append(events, fmt.Sprintf("%s start %s", time.Since(churnStart).Round(100*time.Millisecond), ra.ServiceID()[len("consul-esm:"):][:8]))
+		events = append(events, fmt.Sprintf("%s start %s", time.Since(churnStart).Round(100*time.Millisecond), ra.serviceID[len("consul-esm:"):][:8]))
 	}
 	churnEnd := time.Now()
 	t.Logf("churn over %s: %d instances started in all; %s", churnEnd.Sub(churnStart).Round(100*time.Millisecond), len(all), strings.Join(events, ", "))
@@ -638,7 +638,7 @@ func TestReliabilityInstanceChurn(t *testing.T) {
 		for _, ra := range live {
 			ra.runner.mu.Lock()
 			for key := range ra.runner.states {
-				owners[key] = append(owners[key], ra.ServiceID())
+				owners[key] = append(owners[key], ra.serviceID)
 			}
 			ra.runner.mu.Unlock()
 		}
