@@ -448,7 +448,7 @@ func (nm *NodeMonitor) probe(ctx context.Context, node string, st *nodeState, re
 // watchCatalog keeps nm.catalog in step with the catalog's external probe nodes. It idles while no
 // node is assigned, so instances without probe nodes hold no extra blocking query.
 func (nm *NodeMonitor) watchCatalog(ctx context.Context) {
-	blockingWatch(ctx, nm.agent, "Error querying for node list", func(q *api.QueryOptions) (uint64, error) {
+	_ = blockingQuery(ctx, nm.agent, "Error querying for node list", nil, func(q *api.QueryOptions) (uint64, error) {
 		if !nm.waitForNodes(ctx) {
 			return 0, ctx.Err()
 		}

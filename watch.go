@@ -74,12 +74,6 @@ func blockingQuery(ctx context.Context, a *Agent, errMsg string, retry *backoff,
 	return ctx.Err()
 }
 
-// blockingWatch is blockingQuery with the default retry, for a watch that runs until ctx ends.
-// It remains for callers outside the leader's files; new code calls blockingQuery.
-func blockingWatch(ctx context.Context, a *Agent, errMsg string, fetch func(q *api.QueryOptions) (uint64, error)) {
-	_ = blockingQuery(ctx, a, errMsg, nil, fetch)
-}
-
 // nextWaitIndex is the index the next blocking query waits on, after a query that waited on prev
 // answered with got. An index that went backwards means Consul's state was replaced (a snapshot
 // restore, a rebuilt cluster): waiting on the old index could block past every change, so the loop

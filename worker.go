@@ -11,14 +11,14 @@ import (
 func (a *Agent) assignmentKey() string { return a.kvPath() + "agents/" + a.serviceID }
 
 // watchAssignment follows <kv>agents/<serviceID> and hands the node set to the check runner and the
-// probe set to the prober. A missing or empty key stops all work: a leader that removed this
+// probe set to the node monitor. A missing or empty key stops all work: a leader that removed this
 // instance's key has given its nodes to someone else. A malformed value is not an assignment: the
 // last valid one stays in force (the leader rewrites the key within one watch round) and each
 // distinct bad value is logged once.
 func (a *Agent) watchAssignment(ctx context.Context) {
 	var last, bad []byte
 	applied := false
-	blockingWatch(ctx, a, "Error querying for node watch list", func(q *api.QueryOptions) (uint64, error) {
+	_ = blockingQuery(ctx, a, "Error querying for node watch list", nil, func(q *api.QueryOptions) (uint64, error) {
 		pair, meta, err := a.client.KV().Get(a.assignmentKey(), q)
 		if err != nil {
 			return 0, err
