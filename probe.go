@@ -63,7 +63,7 @@ type probeBuilder struct {
 	transports map[tlsKey]*http.Transport
 	dial       dialFunc
 	// bodyBufs recycles the response-body buffers of HTTP runs: at thousands of runs per second a
-	// fresh 8 KiB buffer per run was half of all bytes the runner allocated.
+	// fresh buffer per run would dominate what the runner allocates.
 	bodyBufs sync.Pool
 }
 
