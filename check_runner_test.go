@@ -983,7 +983,7 @@ func TestCheckRunnerGoroutinesAfterChurn(t *testing.T) {
 		t.Fatalf("running %d checks after emptying, want 0", checks)
 	}
 	r.sched.mu.Lock()
-	queued, count := len(r.sched.heap), r.sched.count
+	queued, count := r.sched.heap.Len(), r.sched.count
 	r.sched.mu.Unlock()
 	if queued != 0 || count != 0 {
 		t.Fatalf("scheduler still holds %d tasks (count %d)", queued, count)

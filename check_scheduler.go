@@ -1,7 +1,6 @@
 package main
 
 import (
-	"container/heap"
 	"context"
 	"math/rand/v2"
 	"slices"
@@ -28,8 +27,8 @@ type checkScheduler struct {
 	run func(*checkTask)
 
 	mu      sync.Mutex
-	heap    taskHeap
-	count   int // tasks added and not removed
+	heap    timeHeap[*checkTask] // by next run; moved keeps checkTask.index
+	count   int                  // tasks added and not removed
 	workers int
 	idleWs  []chan *checkTask // idle workers' inboxes, most recently idle last
 	wake    chan struct{}
@@ -42,6 +41,7 @@ type checkScheduler struct {
 func newCheckScheduler(run func(*checkTask)) *checkScheduler {
 	return &checkScheduler{
 		run:        run,
+		heap:       timeHeap[*checkTask]{moved: func(t *checkTask, i int) { t.index = i }},
 		wake:       make(chan struct{}, 1),
 		workerFree: make(chan struct{}, 1),
 		idle:       workerIdleTimeout,
@@ -52,8 +52,7 @@ func (s *checkScheduler) add(t *checkTask, first time.Time) {
 	s.mu.Lock()
 	s.count++
 	t.next = first
-	heap.Push(&s.heap, t)
-	top := t.index == 0
+	top := s.heap.push(t.next, t)
 	s.mu.Unlock()
 	if top {
 		wake(s.wake)
@@ -69,7 +68,7 @@ func (s *checkScheduler) remove(t *checkTask) {
 	t.stopped = true
 	s.count--
 	if t.index >= 0 {
-		heap.Remove(&s.heap, t.index)
+		s.heap.removeAt(t.index)
 	}
 }
 
@@ -89,8 +88,7 @@ func (s *checkScheduler) finished(t *checkTask) {
 	if !t.next.After(now) {
 		t.next = now.Add(t.interval)
 	}
-	heap.Push(&s.heap, t)
-	top := t.index == 0
+	top := s.heap.push(t.next, t)
 	s.mu.Unlock()
 	if top {
 		wake(s.wake)
@@ -105,9 +103,9 @@ func (s *checkScheduler) loop(ctx context.Context) {
 		s.mu.Lock()
 		var due *checkTask
 		wait := time.Duration(-1)
-		if len(s.heap) > 0 {
-			if d := time.Until(s.heap[0].next); d <= 0 {
-				due = heap.Pop(&s.heap).(*checkTask)
+		if next, ok := s.heap.peek(); ok {
+			if d := time.Until(next); d <= 0 {
+				due = s.heap.pop()
 			} else {
 				wait = d
 			}
@@ -192,31 +190,6 @@ func (s *checkScheduler) worker(ctx context.Context, t *checkTask) {
 
 // wait returns once every worker has exited (after the loop's ctx ended).
 func (s *checkScheduler) wait() { s.wg.Wait() }
-
-// taskHeap orders tasks by next run time (container/heap).
-type taskHeap []*checkTask
-
-func (h taskHeap) Len() int           { return len(h) }
-func (h taskHeap) Less(i, j int) bool { return h[i].next.Before(h[j].next) }
-func (h taskHeap) Swap(i, j int) {
-	h[i], h[j] = h[j], h[i]
-	h[i].index = i
-	h[j].index = j
-}
-func (h *taskHeap) Push(x any) {
-	t := x.(*checkTask)
-	t.index = len(*h)
-	*h = append(*h, t)
-}
-func (h *taskHeap) Pop() any {
-	old := *h
-	n := len(old)
-	t := old[n-1]
-	old[n-1] = nil
-	t.index = -1
-	*h = old[:n-1]
-	return t
-}
 
 // waitWake blocks until wake is signalled, wait has passed (wait < 0: no deadline) or ctx ends, and
 // reports false when ctx ended. timer is the caller's, reused across calls.

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"container/heap"
 	"context"
 	"fmt"
 	"net/url"
@@ -71,7 +70,7 @@ type checkWriter struct {
 	pending   []*checkState
 	firstAt   time.Time // when the oldest pending change was queued
 	lastFlush time.Time // when the last batch was taken
-	deferred  deferHeap
+	deferred  timeHeap[deferEntry]
 	wake      chan struct{}
 
 	// afterRead, when set (tests), runs between the consistent read and the write of every attempt.
@@ -128,8 +127,7 @@ func (w *checkWriter) deferWrite(st *checkState, d time.Duration) {
 	st.deferN++
 	st.deferAt = time.Now().Add(d)
 	w.mu.Lock()
-	heap.Push(&w.deferred, deferEntry{at: st.deferAt, st: st, n: st.deferN})
-	top := w.deferred[0].st == st && w.deferred[0].n == st.deferN
+	top := w.deferred.push(st.deferAt, deferEntry{st: st, n: st.deferN})
 	w.mu.Unlock()
 	if top {
 		wake(w.wake)
@@ -155,8 +153,8 @@ func (w *checkWriter) loop(ctx context.Context) {
 		now := time.Now()
 		w.mu.Lock()
 		due = due[:0]
-		for len(w.deferred) > 0 && !w.deferred[0].at.After(now) {
-			due = append(due, heap.Pop(&w.deferred).(deferEntry))
+		for at, ok := w.deferred.peek(); ok && !at.After(now); at, ok = w.deferred.peek() {
+			due = append(due, w.deferred.pop())
 		}
 		w.mu.Unlock()
 		if len(due) > 0 {
@@ -166,8 +164,8 @@ func (w *checkWriter) loop(ctx context.Context) {
 
 		w.mu.Lock()
 		batch, wait := w.takeBatch(now)
-		if len(w.deferred) > 0 {
-			if d := w.deferred[0].at.Sub(now); wait < 0 || d < wait {
+		if at, ok := w.deferred.peek(); ok {
+			if d := at.Sub(now); wait < 0 || d < wait {
 				wait = d
 			}
 		}
@@ -698,22 +696,6 @@ func (w *checkWriter) gone(op *pendingWrite) {
 
 // deferEntry is a deferred output write; n must still equal st.deferN when it comes due.
 type deferEntry struct {
-	at time.Time
 	st *checkState
 	n  uint64
-}
-
-type deferHeap []deferEntry
-
-func (h deferHeap) Len() int           { return len(h) }
-func (h deferHeap) Less(i, j int) bool { return h[i].at.Before(h[j].at) }
-func (h deferHeap) Swap(i, j int)      { h[i], h[j] = h[j], h[i] }
-func (h *deferHeap) Push(x any)        { *h = append(*h, x.(deferEntry)) }
-func (h *deferHeap) Pop() any {
-	old := *h
-	n := len(old)
-	e := old[n-1]
-	old[n-1] = deferEntry{}
-	*h = old[:n-1]
-	return e
 }
