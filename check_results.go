@@ -61,10 +61,8 @@ func certExpiryVerdict(status, output string, expiry, now time.Time, window time
 	return statusWarning, truncateOutput(out, defaultOutputMaxSize)
 }
 
-// thresholdStep applies one result to the anti-flapping counter, with the README's semantics: a
-// result on the other side of critical/not-critical from the current status increments the counter,
-// one on the same side decrements it (floor 0), and the status changes when the counter exceeds the
-
+// handleResult decides what a result means for the catalog: a status change (past the threshold) is
+// written at once; an output-only change at once for the first result of a (re)started check or
 // with check_update_interval 0, otherwise deferred by check_update_interval.
 func (r *CheckRunner) handleResult(t *checkTask, status, output string) {
 	set := r.settings.Load()
@@ -74,26 +72,18 @@ func (r *CheckRunner) handleResult(t *checkTask, status, output string) {
 	if st.task != t || st.removed {
 		return // restarted or stopped meanwhile
 	}
-	th := set.thresholdsFor(&st.def)
-	counter, change := thresholdStep(st.counter, st.wantStatus, status, th.passing, th.critical)
-	st.counter = counter
-	if status != st.wantStatus {
-		if !change && th.warnsFirst(st.wantStatus, status, counter) {
-			// FailuresBeforeWarning reached while FailuresBeforeCritical is not: the check shows
-			// warning meanwhile; the counter carries on towards critical.
-			st.wantStatus, st.wantOutput = statusWarning, output
-			st.fresh = false
-			r.writer.enqueue(st)
-			return
-		}
-		if !change {
-			r.logger.Debug("Check status change held back by threshold", "checkHash", st.key,
-				"status", status, "current", st.wantStatus, "counter", counter, "threshold", th.forStatus(status))
-			return
-		}
-		st.wantStatus, st.wantOutput = status, output
+	th := thresholdState{limits: set.thresholdsFor(&st.def), status: st.wantStatus, counter: st.counter}
+	next, write := th.update(status)
+	st.counter = th.counter
+	if write {
+		st.wantStatus, st.wantOutput = next, output
 		st.fresh = false
 		r.writer.enqueue(st)
+		return
+	}
+	if status != st.wantStatus {
+		r.logger.Debug("Check status change held back by threshold", "checkHash", st.key,
+			"status", status, "current", st.wantStatus, "counter", th.counter, "threshold", th.limits.forStatus(status))
 		return
 	}
 	if output == st.wantOutput {

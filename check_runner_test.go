@@ -819,51 +819,6 @@ func TestCheckRunnerWithAgent(t *testing.T) {
 	}
 }
 
-// TestCheckRunnerThresholdStep pins the counter arithmetic (README semantics, DESIGN.md quirk 1).
-func TestCheckRunnerThresholdStep(t *testing.T) {
-	const P, W, C = statusPassing, statusWarning, statusCritical
-	cases := []struct {
-		name          string
-		pass, crit    int
-		start         string
-		results       []string
-		wantStatus    []string // catalog status after each result
-		wantCounterAt []int
-	}{
-		{"threshold 0 changes at once", 0, 0, P, []string{C, P, C}, []string{C, P, C}, []int{0, 0, 0}},
-		{"critical threshold 3 needs the 4th net failure", 0, 3, P,
-			[]string{C, C, C, C}, []string{P, P, P, C}, []int{1, 2, 3, 0}},
-		{"a pass in between decrements", 0, 3, P,
-			[]string{C, C, C, P, C, C}, []string{P, P, P, P, P, C}, []int{1, 2, 3, 2, 3, 0}},
-		{"counter floors at 0", 0, 1, P,
-			[]string{P, P, C, P, P, C, C}, []string{P, P, P, P, P, P, C}, []int{0, 0, 1, 0, 0, 1, 0}},
-		{"passing threshold guards recovery", 2, 0, C,
-			[]string{P, C, P, P, P}, []string{C, C, C, C, P}, []int{1, 0, 1, 2, 0}},
-		{"warning counts as not critical", 1, 1, C,
-			[]string{W, W}, []string{C, W}, []int{1, 0}},
-		{"passing to warning is immediate", 5, 5, P,
-			[]string{W, P}, []string{W, P}, []int{0, 0}},
-		{"critical threshold does not gate recovery", 0, 2, C,
-			[]string{P}, []string{P}, []int{0}},
-	}
-	for _, tc := range cases {
-		t.Run(tc.name, func(t *testing.T) {
-			status, counter := tc.start, 0
-			for i, res := range tc.results {
-				var change bool
-				counter, change = thresholdStep(counter, status, res, tc.pass, tc.crit)
-				if change {
-					status = res
-				}
-				if status != tc.wantStatus[i] || counter != tc.wantCounterAt[i] {
-					t.Fatalf("after result %d (%s): status %s counter %d, want %s %d",
-						i+1, res, status, counter, tc.wantStatus[i], tc.wantCounterAt[i])
-				}
-			}
-		})
-	}
-}
-
 func TestCheckRunnerNodeFilterExpr(t *testing.T) {
 	got, ok := nodeFilterExpr([]string{"a", "b-1"})
 	want := `CheckID != "externalNodeHealth" and (Node == "a" or Node == "b-1")`

@@ -1,21 +1,46 @@
 package main
 
-// threshold for the side the result is on (critical_threshold to go critical, passing_threshold to
-// leave critical), after which the counter restarts. With threshold 0 every change goes through at
-// once. passing and warning are the same side, so a change between them goes through at once.
-func thresholdStep(counter int, current, result string, passingThreshold, criticalThreshold int) (int, bool) {
+// thresholdState is one check's anti-flapping state (DESIGN.md quirk 1): probes report raw results,
+// and update decides which status the catalog should show. It holds no lock and does no I/O; the
+// runner keeps its fields in checkState and builds one per result, as a SIGHUP may change limits.
+//
+// The README's semantics, with ONE counter: a result on the other side of critical/not-critical
+// from the current status increments the counter, one on the same side decrements it (floor 0),
+// and the status changes when the counter exceeds the threshold for the side the result is on
+// (critical to go critical, passing to leave critical), after which the counter restarts. With
+// threshold 0 every change goes through at once. passing and warning are the same side, so a
+// change between them goes through at once. With a warning step (FailuresBeforeWarning), a passing
+// check whose held-back critical results exceed it shows warning meanwhile, and the counter
+// carries on towards critical.
+type thresholdState struct {
+	limits  thresholds
+	status  string // the status the catalog shows, or will once pending writes land
+	counter int
+}
+
+// update applies one probe result. It returns the status to show and whether that is a change to
+// write; a result held back by the threshold returns the current status and false.
+func (t *thresholdState) update(result string) (status string, write bool) {
+	current := t.status
 	if (result == statusCritical) == (current == statusCritical) {
-		return max(counter-1, 0), result != current
+		t.counter = max(t.counter-1, 0)
+		if result == current {
+			return current, false
+		}
+		t.status = result
+		return result, true
 	}
-	counter++
-	threshold := passingThreshold
-	if result == statusCritical {
-		threshold = criticalThreshold
+	t.counter++
+	if t.counter > t.limits.forStatus(result) {
+		t.counter = 0
+		t.status = result
+		return result, true
 	}
-	if counter > threshold {
-		return 0, true
+	if t.limits.warning >= 0 && result == statusCritical && current == statusPassing && t.counter > t.limits.warning {
+		t.status = statusWarning
+		return statusWarning, true
 	}
-	return counter, false
+	return current, false
 }
 
 // thresholds are the anti-flapping thresholds that apply to one check.
@@ -40,17 +65,10 @@ func (s *runnerSettings) thresholdsFor(d *checkDefinition) thresholds {
 	return th
 }
 
+// forStatus is the count of opposite results a change to status must exceed.
 func (th thresholds) forStatus(status string) int {
 	if status == statusCritical {
 		return th.critical
 	}
 	return th.passing
 }
-
-// warnsFirst reports whether a held-back critical result should turn a passing check warning.
-func (th thresholds) warnsFirst(current, result string, counter int) bool {
-	return th.warning >= 0 && result == statusCritical && current == statusPassing && counter > th.warning
-}
-
-// handleResult decides what a result means for the catalog: a status change (past the threshold) is
-// written at once; an output-only change at once for the first result of a (re)started check or
