@@ -32,7 +32,7 @@ func (r *CheckRunner) reconcileAt(checks []*catalogCheck, nodeCount int, asOf ui
 	r.mu.Lock()
 	// A load that started before the assignment shrank must not restart what SetNodes stopped;
 	// reading the set under mu orders this against SetNodes' dropUnassigned.
-	assigned := r.Nodes()
+	assigned := r.assignedNodes()
 	seen := make(map[string]struct{}, len(checks))
 	var added, updated, removed, found, passing int
 	services := make(map[string]struct{})

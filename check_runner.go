@@ -208,8 +208,8 @@ func (r *CheckRunner) dropUnassigned(nodes []string) {
 	}
 }
 
-// Nodes returns the current node set.
-func (r *CheckRunner) Nodes() []string {
+// assignedNodes returns the current node set.
+func (r *CheckRunner) assignedNodes() []string {
 	r.nodesMu.Lock()
 	defer r.nodesMu.Unlock()
 	return slices.Clone(r.nodes)
