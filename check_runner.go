@@ -266,6 +266,16 @@ func (r *CheckRunner) Run(ctx context.Context) {
 	}
 	r.mu.Unlock()
 }
+
+// startTask builds the probe for c and schedules its first run. It reports false when the probe
+// cannot be built. Caller holds mu.
+//
+// The checks of the first assignment start at random points within one interval, as Consul
+// staggers its own, so a starting instance does not probe everything at once. A check started later
+// (taken over from a peer that died or left, or restarted by a definition change) runs within
+// takeoverSpread instead: failover is over only when the survivors run the dead instance's checks,
+// and an interval of 10 s or more would dominate it. Its second run lands at a random point of the
+// following interval, which spreads the schedule out again.
 func (r *CheckRunner) startTask(st *checkState, c *catalogCheck, kind string, logf func(string, ...any)) bool {
 	def := c.Definition
 	st.def = def
@@ -318,6 +328,3 @@ func (r *CheckRunner) dropState(st *checkState) {
 	st.removed = true
 	delete(r.states, st.key)
 }
-
-// defsEqual reports whether two definitions would run the same check. Every field counts, so a
-// field added to checkDefinition later is compared too; nil and empty collections are equal.
