@@ -221,7 +221,7 @@ func (r *CheckRunner) refreshCatalog(st *checkState, c *catalogCheck) {
 	if (c.Status != old.Status || c.Output != old.Output) && !st.queued {
 		st.wantStatus, st.wantOutput = c.Status, c.Output
 		st.counter = 0
-		r.writer.cancelDefer(st)
+		r.writes.cancelDefer(st)
 	}
 }
 

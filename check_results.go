@@ -78,7 +78,7 @@ func (r *CheckRunner) handleResult(t *checkTask, status, output string) {
 	if write {
 		st.wantStatus, st.wantOutput = next, output
 		st.fresh = false
-		r.writer.enqueue(st)
+		r.writes.enqueue(st)
 		return
 	}
 	if status != st.wantStatus {
@@ -93,8 +93,8 @@ func (r *CheckRunner) handleResult(t *checkTask, status, output string) {
 	st.wantOutput = output
 	if st.fresh || set.checkUpdateInterval <= 0 {
 		st.fresh = false
-		r.writer.enqueue(st)
+		r.writes.enqueue(st)
 		return
 	}
-	r.writer.deferWrite(st, set.checkUpdateInterval)
+	r.writes.deferWrite(st, set.checkUpdateInterval)
 }

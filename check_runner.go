@@ -81,7 +81,10 @@ type CheckRunner struct {
 	unsupported map[string]checkDefinition // checks left alone, so each is logged once
 	lastCount   int
 
-	sched  *checkScheduler
+	sched *checkScheduler
+	// writes is where results go to be written; the real writer in production, a fake in tests.
+	writes statusWriter
+	// writer is the real writer, run by Run; its counters feed /health.
 	writer *checkWriter
 
 	// known is the highest checks-table index this runner has seen Consul confirm (loads, our own
@@ -165,7 +168,16 @@ func newCheckRunner(a *Agent, tlsCfg *tls.Config) *CheckRunner {
 	r.baseCtx, r.baseCancel = context.WithCancel(context.Background())
 	r.settings.Store(settingsFrom(a.config()))
 	r.sched = newCheckScheduler(r.runTask)
-	r.writer = newCheckWriter(r)
+	r.writer = newCheckWriter(writerEnv{
+		logger:    r.logger,
+		catalog:   agentCatalog{a},
+		status:    a.status,
+		states:    &r.mu,
+		settings:  r.settings.Load,
+		confirmed: r.raiseKnown,
+		window:    batchWindow(a.config()),
+	})
+	r.writes = r.writer
 	return r
 }
 
@@ -319,7 +331,7 @@ func (r *CheckRunner) stopTask(st *checkState) {
 	r.sched.remove(st.task)
 	st.task.cancel()
 	st.task = nil
-	r.writer.cancelDefer(st)
+	r.writes.cancelDefer(st)
 }
 
 // dropState forgets a check that left the catalog or our assignment. Caller holds mu.

@@ -40,7 +40,7 @@ func TestWriterTakeBatch(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			w := &checkWriter{window: writeBatchWindow}
+			w := &checkWriter{env: writerEnv{window: writeBatchWindow}}
 			w.pending = states(tc.pending)
 			all := append([]*checkState(nil), w.pending...)
 			w.firstAt = now.Add(-tc.age)
@@ -86,7 +86,7 @@ func TestWriterTakeBatch(t *testing.T) {
 		{0, 0, 1, 0},
 		{500 * time.Millisecond, 300 * time.Millisecond, 0, 200 * time.Millisecond},
 	} {
-		w := &checkWriter{window: tc.window, pending: states(1), firstAt: now.Add(-tc.age), lastFlush: now}
+		w := &checkWriter{env: writerEnv{window: tc.window}, pending: states(1), firstAt: now.Add(-tc.age), lastFlush: now}
 		batch, wait := w.takeBatch(now)
 		if len(batch) != tc.wantTake || (tc.wantTake == 0 && wait != tc.wantWait) {
 			t.Errorf("window %v: took %d, wait %v; want %d, %v", tc.window, len(batch), wait, tc.wantTake, tc.wantWait)
