@@ -967,49 +967,6 @@ func TestCheckRunnerGoroutinesAfterChurn(t *testing.T) {
 	})
 }
 
-// TestCheckRunnerPerCheckThresholds drives handleResult directly: a definition's own
-// SuccessBeforePassing / FailuresBeforeWarning / FailuresBeforeCritical override the global thresholds.
-func TestCheckRunnerPerCheckThresholds(t *testing.T) {
-	cfg := DefaultConfig()
-	cfg.HTTPAddr = "127.0.0.1:1" // never contacted: the writer loop is not running
-	cfg.PassingThreshold, cfg.CriticalThreshold = 0, 0
-	a, err := NewAgent(cfg, hclog.NewNullLogger(), AgentOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	r := a.runner
-	const P, F = statusPassing, statusCritical
-	for _, tc := range []struct {
-		name    string
-		def     checkDefinition
-		results []string
-		want    []string // wanted status after each result
-	}{
-		{"global thresholds 0: every change at once", checkDefinition{}, []string{F, P, F}, []string{F, P, F}},
-		{"FailuresBeforeCritical 2", checkDefinition{FailuresBeforeCritical: 2},
-			[]string{F, F, P, F, F, F}, []string{P, P, P, P, F, F}},
-		{"FailuresBeforeWarning 1 then critical at 3", checkDefinition{FailuresBeforeWarning: 1, FailuresBeforeCritical: 3},
-			[]string{F, F, F, F}, []string{P, statusWarning, statusWarning, F}},
-		{"SuccessBeforePassing 1", checkDefinition{SuccessBeforePassing: 1},
-			[]string{F, P, P}, []string{F, F, P}},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			st := &checkState{key: "n/c", check: &catalogCheck{Status: P}, wantStatus: P, def: tc.def}
-			task := &checkTask{st: st}
-			st.task = task
-			for i, res := range tc.results {
-				r.handleResult(task, res, "out")
-				r.mu.Lock()
-				got := st.wantStatus
-				r.mu.Unlock()
-				if got != tc.want[i] {
-					t.Fatalf("after result %d (%s): status %s, want %s", i+1, res, got, tc.want[i])
-				}
-			}
-		})
-	}
-}
-
 // TestDecodeChecks covers the streaming decode of a health-state body: filtering, malformed
 // bodies, per-check fields not leaking into the next check, and held copies reused.
 func TestDecodeChecks(t *testing.T) {

@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -176,5 +177,62 @@ func TestWriterDoesNotResurrectReapedNode(t *testing.T) {
 	}
 	if !strings.Contains(r.logs.String(), "removed the node the write re-created") {
 		t.Errorf("the removal was not logged:\n%s", r.logs)
+	}
+}
+
+// TestWriterOutputDeferral runs the real writer against a fake catalog (check_update_interval,
+// DESIGN.md quirk 4): the first result of a started check is written at once, later output-only
+// changes wait out the interval, and the deferred write carries the latest output, not the one
+// that started the deferral.
+func TestWriterOutputDeferral(t *testing.T) {
+	const interval = time.Second
+	c := &catalogCheck{Node: "n1", CheckID: "c", Status: statusPassing, ModifyIndex: 7,
+		Definition: checkDefinition{HTTP: "http://127.0.0.1:1/"}}
+	catalog := newFakeCatalog(c)
+	r := fakeCatalogRunner(t, func(cfg *Config) { cfg.CheckUpdateInterval = interval }, catalog)
+	task := heldTask(r, c)
+	lastOutput := func() string {
+		ws := catalog.writes()
+		if len(ws) == 0 {
+			return ""
+		}
+		return ws[len(ws)-1].output
+	}
+
+	r.handleResult(task, statusPassing, "first")
+	waitFor(t, 5*time.Second, func() error {
+		if got := lastOutput(); got != "first" {
+			return fmt.Errorf("catalog output %q, want the first result's", got)
+		}
+		return nil
+	})
+	deferredAt := time.Now()
+	r.handleResult(task, statusPassing, "second")
+	r.handleResult(task, statusPassing, "third")
+	waitFor(t, 5*time.Second, func() error {
+		if got := lastOutput(); got != "third" {
+			return fmt.Errorf("catalog output %q, want the latest result's", got)
+		}
+		return nil
+	})
+	if waited := time.Since(deferredAt); waited < interval {
+		t.Errorf("deferred output written after %v, before check_update_interval %v", waited, interval)
+	}
+	want := []fakeWrite{{"n1/c", statusPassing, "first"}, {"n1/c", statusPassing, "third"}}
+	if got := catalog.writes(); !slices.Equal(got, want) {
+		t.Errorf("writes %v, want %v", got, want)
+	}
+
+	// A status change does not wait: it goes at once, with its output.
+	r.handleResult(task, statusCritical, "down")
+	start := time.Now()
+	waitFor(t, 5*time.Second, func() error {
+		if got := lastOutput(); got != "down" {
+			return fmt.Errorf("catalog output %q, want the status change's", got)
+		}
+		return nil
+	})
+	if took := time.Since(start); took >= interval {
+		t.Errorf("status change written after %v, want it before check_update_interval", took)
 	}
 }
