@@ -1,9 +1,16 @@
 package main
 
 import (
+	"errors"
+	"fmt"
+	"net/http"
 	"slices"
+	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/hashicorp/consul/api"
 )
 
 // TestDiffChecks pins reconcile's decisions, as a pure function of the held checks and a list.
@@ -141,5 +148,216 @@ func TestReconcileWithFakeWriter(t *testing.T) {
 	r.reconcile(nil, 0)
 	if _, checks, _ := r.Stats(); checks != 0 {
 		t.Errorf("%d checks after reconciling to empty", checks)
+	}
+}
+
+// TestCheckRunnerReconcile follows catalog changes through the blocking query: a changed
+// definition restarts a check, a removed one stops, and an unsupported one is left alone.
+func TestCheckRunnerReconcile(t *testing.T) {
+	t.Parallel()
+	srv := newTestConsul(t)
+	c := srv.Client
+
+	t.Run("DefinitionChange", func(t *testing.T) {
+		tg := crNewTarget(t)
+		r := crStart(t, srv, nil, nil)
+		chk := crHTTPCheck("svc-check", tg.URL+"/a", 200*time.Millisecond)
+		crRegister(t, c, "cr-def", "svc", chk)
+		r.SetNodes([]string{"cr-def"})
+		waitFor(t, 10*time.Second, func() error {
+			if tg.count("/a") < 2 {
+				return errNotYet
+			}
+			return nil
+		})
+
+		// Unchanged definition (only Notes edited): the check keeps running, not restarted.
+		r.mu.Lock()
+		task := r.states["cr-def/svc/svc-check"].task
+		r.mu.Unlock()
+		cur, _ := crGetCheck(c, "cr-def", "svc-check")
+		same := chk
+		same.Status, same.Output, same.Notes = cur.Status, cur.Output, "edited notes"
+		crRegister(t, c, "cr-def", "svc", same)
+		waitFor(t, 10*time.Second, func() error {
+			r.mu.Lock()
+			defer r.mu.Unlock()
+			st := r.states["cr-def/svc/svc-check"]
+			if st.check.Notes != "edited notes" {
+				return errors.New("notes edit not loaded yet")
+			}
+			if st.task != task {
+				return errors.New("check restarted although its definition did not change")
+			}
+			return nil
+		})
+		if strings.Contains(r.logs.String(), "Updating HTTP check") {
+			t.Fatalf("unchanged definition logged as updated:\n%s", r.logs)
+		}
+
+		// Changed path: restarted, the target sees the new path and no more of the old one.
+		changed := chk
+		changed.Definition.HTTP = tg.URL + "/b"
+		crRegister(t, c, "cr-def", "svc", changed)
+		waitFor(t, 10*time.Second, func() error {
+			if tg.count("/b") < 1 {
+				return errNotYet
+			}
+			return nil
+		})
+		crStopped(t, tg, "/a", "/b")
+		if !strings.Contains(r.logs.String(), "Updating HTTP check") {
+			t.Errorf("no 'Updating HTTP check' log line")
+		}
+	})
+
+	t.Run("Removal", func(t *testing.T) {
+		tg := crNewTarget(t)
+		r := crStart(t, srv, nil, nil)
+		crRegister(t, c, "cr-rm", "", crHTTPCheck("one", tg.URL+"/one", 150*time.Millisecond))
+		crRegister(t, c, "cr-rm", "", crHTTPCheck("two", tg.URL+"/two", 150*time.Millisecond))
+		crRegister(t, c, "cr-rm2", "", crHTTPCheck("three", tg.URL+"/three", 150*time.Millisecond))
+		r.SetNodes([]string{"cr-rm", "cr-rm2"})
+		crWaitRunning(t, r, 3)
+
+		if _, err := c.Catalog().Deregister(&api.CatalogDeregistration{Node: "cr-rm", CheckID: "one"}, nil); err != nil {
+			t.Fatal(err)
+		}
+		crWaitRunning(t, r, 2)
+		crStopped(t, tg, "/one", "/two")
+
+		// The last check of a node.
+		if _, err := c.Catalog().Deregister(&api.CatalogDeregistration{Node: "cr-rm", CheckID: "two"}, nil); err != nil {
+			t.Fatal(err)
+		}
+		crWaitRunning(t, r, 1)
+		crStopped(t, tg, "/two", "/three")
+
+		// The assignment empties.
+		r.SetNodes(nil)
+		crWaitRunning(t, r, 0)
+		base := tg.count("/three")
+		other := crNewTarget(t)
+		r2 := crStart(t, srv, nil, nil)
+		crRegister(t, c, "cr-rm3", "", crHTTPCheck("four", other.URL+"/four", 150*time.Millisecond))
+		r2.SetNodes([]string{"cr-rm3"})
+		waitFor(t, 10*time.Second, func() error {
+			if other.count("/four") < 3 {
+				return errNotYet
+			}
+			return nil
+		})
+		if n := tg.count("/three"); n != base {
+			t.Fatalf("check kept running after the assignment emptied: %d requests, was %d", n, base)
+		}
+		if !strings.Contains(r.logs.String(), "Deleting check") || !strings.Contains(r.logs.String(), "Updated checks") {
+			t.Errorf("missing reconcile log lines:\n%s", r.logs)
+		}
+	})
+
+	t.Run("UnsupportedLoggedOnce", func(t *testing.T) {
+		tg, _ := crOutputTarget(t) // its output changes every run, so loads keep coming
+		crRegister(t, c, "cr-ttl", "", catalogRegisterCheck{CheckID: "ttl", Status: statusWarning, Output: "set by app",
+			Definition: checkDefinition{TTL: durationField(time.Minute)}})
+		// 20ms is below the runner's floor (50ms in tests): clamped, with a warning.
+		crRegister(t, c, "cr-ttl", "", crHTTPCheck("busy", tg.URL+"/busy", 20*time.Millisecond))
+		r := crStart(t, srv, nil, nil)
+		r.SetNodes([]string{"cr-ttl"})
+		waitFor(t, 15*time.Second, func() error {
+			if n := r.loads.Load(); n < 3 {
+				return fmt.Errorf("%d loads", n)
+			}
+			return nil
+		})
+		if n := strings.Count(r.logs.String(), "check is not a valid"); n != 1 {
+			t.Fatalf("unsupported check logged %d times, want once:\n%s", n, r.logs)
+		}
+		ch, _ := crGetCheck(c, "cr-ttl", "ttl")
+		if ch.Status != statusWarning || ch.Output != "set by app" {
+			t.Fatalf("unsupported check was written: %q %q", ch.Status, ch.Output)
+		}
+		if _, checks, _ := r.Stats(); checks != 1 {
+			t.Fatalf("running %d checks, want 1", checks)
+		}
+		if !strings.Contains(r.logs.String(), "Check interval too low: interval=20ms check=cr-ttl/busy") {
+			t.Errorf("no 'Check interval too low' warning:\n%s", r.logs)
+		}
+	})
+}
+
+// crOutputTarget is a target whose output changes on every request ("n=<count>").
+func crOutputTarget(t *testing.T) (*crTarget, *atomic.Int64) {
+	tg := crNewTarget(t)
+	var n atomic.Int64
+	tg.handle = func(w http.ResponseWriter, _ *http.Request) bool {
+		fmt.Fprintf(w, "n=%d", n.Add(1))
+		return true
+	}
+	return tg, &n
+}
+
+func TestDefsEqual(t *testing.T) {
+	base := checkDefinition{HTTP: "http://x", Header: map[string][]string{"A": {"1"}}, Interval: durationField(time.Second)}
+	same := base
+	same.Header = map[string][]string{"A": {"1"}}
+	if !defsEqual(&base, &same) {
+		t.Error("equal definitions differ")
+	}
+	empty1, empty2 := checkDefinition{Header: map[string][]string{}}, checkDefinition{}
+	if !defsEqual(&empty1, &empty2) {
+		t.Error("nil and empty headers must be equal")
+	}
+	added := base
+	added.Header = map[string][]string{"A": {"1"}, "B": {"2"}}
+	if defsEqual(&base, &added) || defsEqual(&added, &base) {
+		t.Error("an added header must count as a change, both directions")
+	}
+	for name, mut := range map[string]func(*checkDefinition){
+		"Body":             func(d *checkDefinition) { d.Body = "x" },
+		"DisableRedirects": func(d *checkDefinition) { d.DisableRedirects = true },
+		"OutputMaxSize":    func(d *checkDefinition) { d.OutputMaxSize = 10 },
+		"Timeout":          func(d *checkDefinition) { d.Timeout = durationField(time.Second) },
+		"TLSSkipVerify":    func(d *checkDefinition) { d.TLSSkipVerify = true },
+		"Method":           func(d *checkDefinition) { d.Method = "POST" },
+		"DCSA":             func(d *checkDefinition) { d.DeregisterCriticalServiceAfter = durationField(time.Minute) },
+	} {
+		d := base
+		mut(&d)
+		if defsEqual(&base, &d) {
+			t.Errorf("%s change not detected", name)
+		}
+	}
+}
+
+// TestReconcileOlderCopy: a catalog copy older than the runner's is a stale read unless the state
+// it came from covers the runner's index (then the catalog went back) or a regression was seen.
+func TestReconcileOlderCopy(t *testing.T) {
+	r := crStart(t, nil, nil, nil)
+	r.SetNodes([]string{"n1"})
+	check := func(index uint64, status string) *catalogCheck {
+		return &catalogCheck{Node: "n1", CheckID: "a", Status: status, ModifyIndex: index,
+			Definition: checkDefinition{HTTP: "http://127.0.0.1:1/", Interval: durationField(time.Hour)}}
+	}
+	status := func() string {
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		return r.states["n1/a"].check.Status
+	}
+	for _, tc := range []struct {
+		name   string
+		asOf   uint64
+		retake bool
+		want   string
+	}{
+		{"stale read (state before our index)", 19, false, statusPassing},
+		{"state covers our index: the catalog went back", 25, false, statusCritical},
+		{"regression seen", 19, true, statusCritical},
+	} {
+		r.reconcile([]*catalogCheck{check(20, statusPassing)}, 1)
+		r.reconcileAt([]*catalogCheck{check(18, statusCritical)}, 1, tc.asOf, tc.retake)
+		if got := status(); got != tc.want {
+			t.Errorf("%s: runner holds %s, want %s", tc.name, got, tc.want)
+		}
+		r.reconcile(nil, 0)
 	}
 }
