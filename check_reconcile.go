@@ -59,7 +59,7 @@ func (r *CheckRunner) reconcileAt(checks []*catalogCheck, nodeCount int, asOf ui
 				st.criticalSince = time.Now()
 			}
 			r.states[s.key] = st
-			if r.startTask(st, c, s.kind, logf) {
+			if r.startTask(st, c, logf) {
 				logf("Added "+strings.ToUpper(s.kind)+" check", "checkHash", s.key)
 				added++
 			}
@@ -77,7 +77,7 @@ func (r *CheckRunner) reconcileAt(checks []*catalogCheck, nodeCount int, asOf ui
 			}
 			logf("Updating "+strings.ToUpper(s.kind)+" check", "checkHash", s.key)
 			r.stopTask(st)
-			r.startTask(st, c, s.kind, logf)
+			r.startTask(st, c, logf)
 			updated++
 		}
 	}

@@ -128,7 +128,6 @@ type checkState struct {
 // place in the scheduler. A definition change replaces the task, never mutates it.
 type checkTask struct {
 	st       *checkState
-	kind     string
 	probe    probeFunc
 	interval time.Duration
 	ctx      context.Context
@@ -288,7 +287,7 @@ func (r *CheckRunner) Run(ctx context.Context) {
 // takeoverSpread instead: failover is over only when the survivors run the dead instance's checks,
 // and an interval of 10 s or more would dominate it. Its second run lands at a random point of the
 // following interval, which spreads the schedule out again.
-func (r *CheckRunner) startTask(st *checkState, c *catalogCheck, kind string, logf func(string, ...any)) bool {
+func (r *CheckRunner) startTask(st *checkState, c *catalogCheck, logf func(string, ...any)) bool {
 	def := c.Definition
 	st.def = def
 	interval := time.Duration(def.Interval)
@@ -311,7 +310,7 @@ func (r *CheckRunner) startTask(st *checkState, c *catalogCheck, kind string, lo
 		return false
 	}
 	ctx, cancel := context.WithCancel(r.baseCtx)
-	t := &checkTask{st: st, kind: kind, probe: probe, interval: interval, ctx: ctx, cancel: cancel, index: -1}
+	t := &checkTask{st: st, probe: probe, interval: interval, ctx: ctx, cancel: cancel, index: -1}
 	st.task = t
 	st.fresh = true
 	spread := interval
