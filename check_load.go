@@ -1,5 +1,8 @@
 package main
 
+// Loading the assigned checks from Consul: the blocking health-state query, its streaming decode,
+// and the watch that notices when Consul's state went back.
+
 import (
 	"context"
 	"encoding/json"

@@ -1,5 +1,8 @@
 package main
 
+// Reconciling the running checks with a load: diffChecks decides (a pure function), reconcileAt
+// acts on its plan.
+
 import (
 	"maps"
 	"reflect"

@@ -1,5 +1,8 @@
 package main
 
+// What a probe run turns into: metrics, the certificate-expiry verdict, and a write (now or
+// deferred) or nothing.
+
 import (
 	"fmt"
 	"time"

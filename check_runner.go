@@ -45,16 +45,21 @@ func settingsFrom(cfg *Config) *runnerSettings {
 }
 
 // CheckRunner runs the health checks of the external nodes assigned to this instance and writes their
-// results to the catalog. Run starts four goroutines and returns only after all of them (and every
+// results to the catalog. Run starts five goroutines and returns only after all of them (and every
 // worker they started) have returned:
 //
-//   - the loader follows /v1/health/state/any with a blocking query limited to our nodes and
-//     reconciles the running checks with it (reconcile);
+//   - the loader follows /v1/health/state/any with a blocking query limited to our nodes
+//     (check_load.go) and reconciles the running checks with it (check_reconcile.go);
+//   - watchIndex notices a checks table that went back (snapshot restore) between loads (check_load.go);
 //   - the scheduler keeps every running check in one min-heap ordered by its next run and hands due
 //     checks to an elastic worker pool, so 10k checks cost a heap and a handful of goroutines rather
-//     than 10k sleeping goroutines with their stacks;
-//   - the writer batches status changes into CAS transactions (check_writer.go);
-//   - the reaper deregisters services whose check stayed critical past DeregisterCriticalServiceAfter.
+//     than 10k sleeping goroutines with their stacks (check_scheduler.go); each result passes the
+//     thresholds (thresholds.go) and becomes a write or nothing (check_results.go);
+//   - the writer batches status changes into CAS transactions (check_writer.go, check_catalog.go);
+//   - the reaper deregisters services whose check stayed critical past DeregisterCriticalServiceAfter
+//     (reaper.go).
+//
+// This file holds the runner's state and the glue: the assignment, starting and stopping checks.
 //
 // Lock order: mu before sched.mu and writer.mu; none of those is held while taking mu.
 type CheckRunner struct {

@@ -60,7 +60,7 @@ type statusWriter interface {
 // to 72 s.)
 // The first attempt is optimistic: it uses the runner's own copy of each check, whose ModifyIndex is
 // kept current by the blocking health query and by the indexes our own transactions return, so a
-// burst of changes costs one request per 64 checks instead of a read per node plus a write (the
+// burst of changes costs one request per maxTxnOps checks instead of a read per node plus a write (the
 // original's consistent-read-then-write was 2 requests per change). Because only Status and Output
 // are changed on that copy and the CAS fails if anything changed since, an operator's edit (Notes,
 // Name, definition) is never overwritten: a stale-index conflict re-reads the nodes consistently and

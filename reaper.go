@@ -1,5 +1,7 @@
 package main
 
+// The reaper: DeregisterCriticalServiceAfter for the checks this instance runs.
+
 import (
 	"context"
 	"time"
@@ -7,10 +9,14 @@ import (
 	"github.com/hashicorp/consul/api"
 )
 
+// defaultReapInterval is how often the reaper looks when reap_interval is not set.
+const defaultReapInterval = 30 * time.Second
+
+// reapLoop runs reapOnce every reap_interval until ctx ends.
 func (r *CheckRunner) reapLoop(ctx context.Context) {
 	interval := r.agent.config().ReapInterval
 	if interval <= 0 {
-		interval = 30 * time.Second
+		interval = defaultReapInterval
 	}
 	tick := time.NewTicker(interval)
 	defer tick.Stop()
@@ -24,6 +30,7 @@ func (r *CheckRunner) reapLoop(ctx context.Context) {
 	}
 }
 
+// reapTarget is a service to deregister, with what the log line reports about it.
 type reapTarget struct {
 	node, serviceID, namespace, partition string
 	checkID                               string
