@@ -55,9 +55,8 @@ type statusWriter interface {
 
 // checkWriter writes check status to the catalog. Changes are collected for writeBatchWindow (or
 // streamBatchWindow while they keep coming, or until maxTxnOps are pending) and flushed by one
-// goroutine as one transaction of CAS operations. (Flushing several batches at once is slower
-// against a CPU-bound Consul: concurrent transactions contend for the same raft log; the README
-// has the measurement.)
+// goroutine as one transaction of CAS operations. (Flushing several batches at once was measured
+// slower against a CPU-bound Consul; the README has the figures.)
 // The first attempt is optimistic: it uses the runner's own copy of each check, whose ModifyIndex is
 // kept current by the blocking health query and by the indexes our own transactions return, so a
 // burst of changes costs one request per maxTxnOps checks instead of a read per node plus a write (the
