@@ -1,5 +1,10 @@
 package main
 
+// The writer's surroundings (writerEnv) and its side of Consul: what a status write needs from the
+// catalog (checkCatalog, with the real agentCatalog over the API client), and the two shapes a write
+// takes there: a CAS operation in a transaction, or a registration for definitions the txn endpoint
+// would mangle.
+
 import (
 	"context"
 	"fmt"
@@ -10,10 +15,6 @@ import (
 	"github.com/hashicorp/consul/api"
 	"github.com/hashicorp/go-hclog"
 )
-
-// The writer's side of Consul: what a status write needs from the catalog (checkCatalog, with the
-// real agentCatalog over the API client), and the two shapes a write takes there: a CAS operation
-// in a transaction, or a registration for definitions the txn endpoint would mangle.
 
 // writerEnv is everything the writer uses outside itself, so it never reaches into the runner or
 // the agent: the checks' lock, the catalog, and the runner's settings and index bookkeeping.

@@ -45,7 +45,7 @@ var (
 )
 
 // statusWriter is what the runner needs of a writer: write a check's wanted status and output
-// (CheckState.wantStatus/wantOutput, read when the write happens, so the latest wins), now or after
+// (checkState.wantStatus/wantOutput, read when the write happens, so the latest wins), now or after
 // a delay, or forget a delayed write. The runner calls them with its states lock held.
 type statusWriter interface {
 	enqueue(st *checkState)
