@@ -216,7 +216,7 @@ func waitAssigned(t *testing.T, c *api.Client, agents []*runningAgent, nodes []s
 			}
 			all = append(all, as.all()...)
 			// The worker applied it: the runner has exactly these nodes.
-			if have, want := sorted(a.runner.Nodes()), sorted(as.all()); !slices.Equal(have, want) {
+			if have, want := sorted(a.runner.assignedNodes()), sorted(as.all()); !slices.Equal(have, want) {
 				return fmt.Errorf("%s runs %v, assigned %v", a.serviceID, have, want)
 			}
 		}

@@ -104,7 +104,7 @@ func TestWorkerKeepsAssignmentOnMalformedKey(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitFor(t, 10*time.Second, func() error {
-		if got := ra.runner.Nodes(); !slices.Equal(got, []string{"n1", "n2"}) {
+		if got := ra.runner.assignedNodes(); !slices.Equal(got, []string{"n1", "n2"}) {
 			return fmt.Errorf("runner has %v", got)
 		}
 		return nil
@@ -117,7 +117,7 @@ func TestWorkerKeepsAssignmentOnMalformedKey(t *testing.T) {
 	if n := strings.Count(ra.logs.String(), "Error deserializing node list"); n != 1 {
 		t.Errorf("malformed key logged %d times, want once", n)
 	}
-	if got := ra.runner.Nodes(); !slices.Equal(got, []string{"n1", "n2"}) {
+	if got := ra.runner.assignedNodes(); !slices.Equal(got, []string{"n1", "n2"}) {
 		t.Fatalf("after a malformed key the runner has %v, want the last valid assignment", got)
 	}
 }
@@ -199,7 +199,7 @@ func TestAssignmentOf50kNodes(t *testing.T) {
 			if len(as.Nodes) != len(names)/len(agents) {
 				return fmt.Errorf("%s assigned %d nodes", a.serviceID, len(as.Nodes))
 			}
-			if n := len(a.runner.Nodes()); n != len(as.Nodes) {
+			if n := len(a.runner.assignedNodes()); n != len(as.Nodes) {
 				return fmt.Errorf("%s runs %d nodes, assigned %d", a.serviceID, n, len(as.Nodes))
 			}
 			total += len(as.Nodes)

@@ -12,6 +12,7 @@ import (
 // never answers them); a healthy check on the same host:port keeps running on schedule, so when its
 // own endpoint fails the catalog shows it critical within interval + 1 s.
 func TestHungChecksDoNotStarveNeighbours(t *testing.T) {
+	t.Parallel()
 	srv := newTestConsul(t)
 	c := srv.Client
 	tg := crNewTarget(t)

@@ -1,10 +1,7 @@
 package main
 
 import (
-	"container/heap"
 	"context"
-	"fmt"
-	"net/url"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -47,14 +44,22 @@ var (
 	writeRefusedKey  = []string{"esm", "checks", "write_refused"}
 )
 
+// statusWriter is what the runner needs of a writer: write a check's wanted status and output
+// (checkState.wantStatus/wantOutput, read when the write happens, so the latest wins), now or after
+// a delay, or forget a delayed write. The runner calls them with its states lock held.
+type statusWriter interface {
+	enqueue(st *checkState)
+	deferWrite(st *checkState, d time.Duration)
+	cancelDefer(st *checkState)
+}
+
 // checkWriter writes check status to the catalog. Changes are collected for writeBatchWindow (or
 // streamBatchWindow while they keep coming, or until maxTxnOps are pending) and flushed by one
 // goroutine as one transaction of CAS operations. (Flushing several batches at once was measured
-// slower: against a CPU-bound Consul, 4 concurrent transactions took a 50k-check outage from 47 s
-// to 72 s.)
+// slower against a CPU-bound Consul; the README has the figures.)
 // The first attempt is optimistic: it uses the runner's own copy of each check, whose ModifyIndex is
 // kept current by the blocking health query and by the indexes our own transactions return, so a
-// burst of changes costs one request per 64 checks instead of a read per node plus a write (the
+// burst of changes costs one request per maxTxnOps checks instead of a read per node plus a write (the
 // original's consistent-read-then-write was 2 requests per change). Because only Status and Output
 // are changed on that copy and the CAS fails if anything changed since, an operator's edit (Notes,
 // Name, definition) is never overwritten: a stale-index conflict re-reads the nodes consistently and
@@ -64,14 +69,13 @@ var (
 // It also owns the deferred output-only writes (check_update_interval): a heap of due times with
 // lazy cancellation through checkState.deferN.
 type checkWriter struct {
-	r      *CheckRunner
-	window time.Duration
+	env writerEnv
 
 	mu        sync.Mutex
 	pending   []*checkState
 	firstAt   time.Time // when the oldest pending change was queued
 	lastFlush time.Time // when the last batch was taken
-	deferred  deferHeap
+	deferred  timeHeap[deferEntry]
 	wake      chan struct{}
 
 	// afterRead, when set (tests), runs between the consistent read and the write of every attempt.
@@ -86,8 +90,8 @@ type checkWriter struct {
 	refused  atomic.Uint64 // of those, refused by Consul as such (/health)
 }
 
-func newCheckWriter(r *CheckRunner) *checkWriter {
-	return &checkWriter{r: r, window: batchWindow(r.agent.config()), wake: make(chan struct{}, 1)}
+func newCheckWriter(env writerEnv) *checkWriter {
+	return &checkWriter{env: env, wake: make(chan struct{}, 1)}
 }
 
 // batchWindow is writeBatchWindow, except in agentless mode where batch_flush_interval sets it (as
@@ -100,7 +104,7 @@ func batchWindow(cfg *Config) time.Duration {
 }
 
 // enqueue schedules a write of st's wanted status and output. The flush reads them when it runs, so
-// a check queued twice is written once with its latest state. Caller holds r.mu.
+// a check queued twice is written once with its latest state. Caller holds env.states.
 func (w *checkWriter) enqueue(st *checkState) {
 	w.cancelDefer(st) // the write carries the latest output anyway
 	if st.removed || st.queued {
@@ -120,7 +124,7 @@ func (w *checkWriter) enqueue(st *checkState) {
 }
 
 // deferWrite schedules a write of st after d unless one is already scheduled; the write then carries
-// whatever output is latest. Caller holds r.mu.
+// whatever output is latest. Caller holds env.states.
 func (w *checkWriter) deferWrite(st *checkState, d time.Duration) {
 	if st.removed || st.queued || !st.deferAt.IsZero() {
 		return
@@ -128,8 +132,7 @@ func (w *checkWriter) deferWrite(st *checkState, d time.Duration) {
 	st.deferN++
 	st.deferAt = time.Now().Add(d)
 	w.mu.Lock()
-	heap.Push(&w.deferred, deferEntry{at: st.deferAt, st: st, n: st.deferN})
-	top := w.deferred[0].st == st && w.deferred[0].n == st.deferN
+	top := w.deferred.push(st.deferAt, deferEntry{st: st, n: st.deferN})
 	w.mu.Unlock()
 	if top {
 		wake(w.wake)
@@ -137,7 +140,7 @@ func (w *checkWriter) deferWrite(st *checkState, d time.Duration) {
 }
 
 // cancelDefer drops st's deferred write, if any; its heap entry is skipped when it comes due.
-// Caller holds r.mu.
+// Caller holds env.states.
 func (w *checkWriter) cancelDefer(st *checkState) {
 	if !st.deferAt.IsZero() {
 		st.deferAt = time.Time{}
@@ -155,8 +158,8 @@ func (w *checkWriter) loop(ctx context.Context) {
 		now := time.Now()
 		w.mu.Lock()
 		due = due[:0]
-		for len(w.deferred) > 0 && !w.deferred[0].at.After(now) {
-			due = append(due, heap.Pop(&w.deferred).(deferEntry))
+		for at, ok := w.deferred.peek(); ok && !at.After(now); at, ok = w.deferred.peek() {
+			due = append(due, w.deferred.pop())
 		}
 		w.mu.Unlock()
 		if len(due) > 0 {
@@ -166,8 +169,8 @@ func (w *checkWriter) loop(ctx context.Context) {
 
 		w.mu.Lock()
 		batch, wait := w.takeBatch(now)
-		if len(w.deferred) > 0 {
-			if d := w.deferred[0].at.Sub(now); wait < 0 || d < wait {
+		if at, ok := w.deferred.peek(); ok {
+			if d := at.Sub(now); wait < 0 || d < wait {
 				wait = d
 			}
 		}
@@ -192,7 +195,7 @@ func (w *checkWriter) takeBatch(now time.Time) (batch []*checkState, wait time.D
 	if n == 0 {
 		return nil, -1
 	}
-	window := w.window
+	window := w.env.window
 	if window > 0 && now.Sub(w.lastFlush) < streamingAfter {
 		window = max(window, streamBatchWindow)
 	}
@@ -210,8 +213,8 @@ func (w *checkWriter) takeBatch(now time.Time) (batch []*checkState, wait time.D
 
 // promote queues the deferred writes that came due and are still current.
 func (w *checkWriter) promote(due []deferEntry) {
-	w.r.mu.Lock()
-	defer w.r.mu.Unlock()
+	w.env.states.Lock()
+	defer w.env.states.Unlock()
 	for _, e := range due {
 		if e.n == e.st.deferN && !e.st.deferAt.IsZero() {
 			e.st.deferAt = time.Time{}
@@ -286,10 +289,10 @@ func (w *checkWriter) attemptContext(ctx context.Context) (context.Context, cont
 // snapshot takes the current wanted state of each check in batch. The first snapshot of a batch
 // takes its checks off the queue (so later changes queue them again); a retry must not, as the
 // check may be queued again already and must stay in the queue exactly once. A check appears in a
-// transaction at most once: a second CAS on it would always fail. Caller must not hold r.mu.
+// transaction at most once: a second CAS on it would always fail. Caller must not hold env.states.
 func (w *checkWriter) snapshot(batch []*checkState, dequeue bool) []*pendingWrite {
-	w.r.mu.Lock()
-	defer w.r.mu.Unlock()
+	w.env.states.Lock()
+	defer w.env.states.Unlock()
 	ops := make([]*pendingWrite, 0, len(batch))
 	seen := make(map[*checkState]bool, len(batch))
 	for _, st := range batch {
@@ -365,7 +368,7 @@ func (w *checkWriter) send(ctx context.Context, txnOps api.TxnOps, inTxn []*pend
 	if n := int64(len(txnOps)); n > w.maxOps.Load() {
 		w.maxOps.Store(n) // only the writer goroutine stores
 	}
-	ok, resp, _, err := w.r.agent.client.Txn().Txn(txnOps, w.r.agent.queryOptions(ctx))
+	ok, resp, err := w.env.catalog.txn(ctx, txnOps)
 	w.recovering = err != nil && !txnRefused(err)
 	switch {
 	case err != nil && txnRefused(err) && len(txnOps) > 1:
@@ -377,8 +380,8 @@ func (w *checkWriter) send(ctx context.Context, txnOps api.TxnOps, inTxn []*pend
 		w.writeRefused(inTxn[0], err)
 		return nil
 	case err != nil:
-		w.r.agent.status.failed(err)
-		w.r.logger.Warn("Error updating check status in Consul", "checks", len(inTxn), "error", err)
+		w.env.status.failed(err)
+		w.env.logger.Warn("Error updating check status in Consul", "checks", len(inTxn), "error", err)
 		for _, op := range inTxn {
 			w.revert(op)
 		}
@@ -393,20 +396,20 @@ func (w *checkWriter) send(ctx context.Context, txnOps api.TxnOps, inTxn []*pend
 			}
 		}
 		if stale && !last {
-			w.r.logger.Debug("Check changed in the catalog since it was read, retrying the batch", "checks", len(inTxn))
+			w.env.logger.Debug("Check changed in the catalog since it was read, retrying the batch", "checks", len(inTxn))
 			retry = make([]*checkState, len(inTxn))
 			for i, op := range inTxn {
 				retry[i] = op.st
 			}
 			return retry
 		}
-		w.r.logger.Warn("Error(s) returned from txn when updating check status in Consul", "checks", len(inTxn), "errors", txnErrors(resp))
+		w.env.logger.Warn("Error(s) returned from txn when updating check status in Consul", "checks", len(inTxn), "errors", txnErrors(resp))
 		for _, op := range inTxn {
 			w.revert(op)
 		}
 		return nil
 	}
-	w.r.agent.status.contact()
+	w.env.status.contact()
 	for i, op := range inTxn {
 		if resp != nil && i < len(resp.Results) && resp.Results[i] != nil && resp.Results[i].Check != nil &&
 			resp.Results[i].Check.CheckID == op.checkID {
@@ -423,12 +426,12 @@ func (w *checkWriter) send(ctx context.Context, txnOps api.TxnOps, inTxn []*pend
 func (w *checkWriter) writeRefused(op *pendingWrite, err error) {
 	metrics.IncrCounter(writeRefusedKey, 1)
 	w.refused.Add(1)
-	w.r.mu.Lock()
+	w.env.states.Lock()
 	first := !op.st.refused
 	op.st.refused = true
-	w.r.mu.Unlock()
+	w.env.states.Unlock()
 	if first {
-		w.r.logger.Warn("Consul refused the status write of a check (other checks are not held back)",
+		w.env.logger.Warn("Consul refused the status write of a check (other checks are not held back)",
 			"checkID", op.checkID, "node", op.node, "error", err)
 	}
 	w.revert(op)
@@ -439,8 +442,8 @@ func (w *checkWriter) writeRefused(op *pendingWrite, err error) {
 // through /v1/catalog/register (no CAS there, so the read is their only guard) and checks whose
 // index is unknown.
 func (w *checkWriter) useLocalCopies(ops []*pendingWrite) (toRead []*pendingWrite) {
-	w.r.mu.Lock()
-	defer w.r.mu.Unlock()
+	w.env.states.Lock()
+	defer w.env.states.Unlock()
 	for _, op := range ops {
 		c := op.st.check
 		if c == nil || c.ModifyIndex == 0 || !txnPreservesDefinition(&c.Definition) {
@@ -469,9 +472,9 @@ func (w *checkWriter) readNodes(ctx context.Context, ops []*pendingWrite) {
 		go func() {
 			defer wg.Done()
 			defer func() { <-sem }()
-			checks, err := w.readNode(ctx, ref)
+			checks, err := w.env.catalog.nodeChecks(ctx, ref)
 			if err != nil && ctx.Err() == nil {
-				w.r.logger.Warn("Error retrieving existing node entry, reverting check updates for node",
+				w.env.logger.Warn("Error retrieving existing node entry, reverting check updates for node",
 					"node", ref.node, "checks", len(group), "error", err)
 			}
 			for _, op := range group {
@@ -488,150 +491,10 @@ func (w *checkWriter) readNodes(ctx context.Context, ops []*pendingWrite) {
 	wg.Wait()
 }
 
-func (w *checkWriter) readNode(ctx context.Context, ref nodeRef) ([]*catalogCheck, error) {
-	q := w.r.agent.queryOptions(ctx)
-	q.RequireConsistent = true
-	if ref.ns != "" {
-		q.Namespace = ref.ns
-	}
-	if ref.partition != "" {
-		q.Partition = ref.partition
-	}
-	var checks []*catalogCheck
-	if _, err := w.r.agent.client.Raw().Query("/v1/health/node/"+url.PathEscape(ref.node), &checks, q); err != nil {
-		return nil, fmt.Errorf("reading checks of node %q: %w", ref.node, err)
-	}
-	return checks, nil
-}
-
-// txnPreservesDefinition reports whether a CAS through /v1/txn keeps d intact. Consul's txn endpoint
-// copies only HTTP, TLSServerName, TLSSkipVerify, Header, Method, Body, TCP, TCPUseTLS, GRPC,
-// GRPCUseTLS, OSService, Interval, Timeout and DeregisterCriticalServiceAfter into the stored check;
-// writing any other definition through it would erase the rest.
-func txnPreservesDefinition(d *checkDefinition) bool {
-	return d.UDP == "" && d.H2PING == "" && !d.H2PingUseTLS && !d.DisableRedirects && d.OutputMaxSize == 0 &&
-		len(d.ScriptArgs) == 0 && d.DockerContainerID == "" && d.Shell == "" && d.AliasNode == "" &&
-		d.AliasService == "" && d.SessionName == "" && d.TTL == 0
-}
-
-// txnCheck is the fresh copy with our status and output, CAS-guarded by the ModifyIndex just read.
-func (op *pendingWrite) txnCheck() api.HealthCheck {
-	c := op.fresh
-	d := &c.Definition
-	return api.HealthCheck{
-		Node: c.Node, CheckID: c.CheckID, Name: c.Name, Status: op.status, Notes: c.Notes, Output: op.output,
-		ServiceID: c.ServiceID, ServiceName: c.ServiceName, ServiceTags: c.ServiceTags, Type: c.Type,
-		Namespace: c.Namespace, Partition: c.Partition, ExposedPort: c.ExposedPort, PeerName: c.PeerName,
-		Definition: api.HealthCheckDefinition{
-			HTTP: d.HTTP, Header: d.Header, Method: d.Method, Body: d.Body,
-			TLSServerName: d.TLSServerName, TLSSkipVerify: d.TLSSkipVerify,
-			TCP: d.TCP, TCPUseTLS: d.TCPUseTLS, GRPC: d.GRPC, GRPCUseTLS: d.GRPCUseTLS, OSService: d.OSService,
-			IntervalDuration:                       time.Duration(d.Interval),
-			TimeoutDuration:                        time.Duration(d.Timeout),
-			DeregisterCriticalServiceAfterDuration: time.Duration(d.DeregisterCriticalServiceAfter),
-		},
-		ModifyIndex: c.ModifyIndex,
-	}
-}
-
-// catalogRegistration is the body of /v1/catalog/register for a status write that must keep the
-// whole definition.
-type catalogRegistration struct {
-	Node           string
-	SkipNodeUpdate bool
-	Partition      string `json:",omitempty"`
-	Namespace      string `json:",omitempty"`
-	Check          *catalogRegisterCheck
-}
-
-type catalogRegisterCheck struct {
-	Node        string
-	CheckID     string
-	Name        string
-	Status      string
-	Notes       string `json:",omitempty"`
-	Output      string
-	ServiceID   string   `json:",omitempty"`
-	ServiceName string   `json:",omitempty"`
-	ServiceTags []string `json:",omitempty"`
-	Type        string   `json:",omitempty"`
-	Namespace   string   `json:",omitempty"`
-	Partition   string   `json:",omitempty"`
-	ExposedPort int      `json:",omitempty"`
-	Definition  checkDefinition
-}
-
-// register writes a check whose definition the txn endpoint would mangle (UDP, H2PING,
-// DisableRedirects, OutputMaxSize) through /v1/catalog/register, which stores the full definition.
-// The register endpoint has no CAS, so this is guarded only by the consistent read just before it:
-// an edit landing in the few milliseconds between that read and this write is overwritten (Consul
-// 1.22 offers no conditional write that keeps these definitions). A node deleted in that window is
-// not left re-created: a service check's write fails with the service gone, and a node check's
-// write is followed by removeGhostNode. Checks of every other type keep the real CAS.
-func (w *checkWriter) register(ctx context.Context, op *pendingWrite) {
-	c := op.fresh
-	body := &catalogRegistration{
-		Node: c.Node, SkipNodeUpdate: true, Partition: c.Partition, Namespace: c.Namespace,
-		Check: &catalogRegisterCheck{
-			Node: c.Node, CheckID: c.CheckID, Name: c.Name, Status: op.status, Notes: c.Notes, Output: op.output,
-			ServiceID: c.ServiceID, ServiceName: c.ServiceName, ServiceTags: c.ServiceTags, Type: c.Type,
-			Namespace: c.Namespace, Partition: c.Partition, ExposedPort: c.ExposedPort, Definition: c.Definition,
-		},
-	}
-	wo := w.r.agent.writeOptions(ctx)
-	if c.Partition != "" {
-		wo.Partition = c.Partition
-	}
-	if c.Namespace != "" {
-		wo.Namespace = c.Namespace
-	}
-	if _, err := w.r.agent.client.Raw().Write("/v1/catalog/register", body, nil, wo); err != nil {
-		w.r.agent.status.failed(err)
-		w.r.logger.Warn("Error updating check status in Consul", "checkID", c.CheckID, "node", c.Node, "error", err)
-		w.revert(op)
-		return
-	}
-	w.r.agent.status.contact()
-	if c.ServiceID == "" && w.removeGhostNode(ctx, c, wo) {
-		w.gone(op)
-		return
-	}
-	// The register endpoint does not return the new ModifyIndex; the next load brings it.
-	op.index = c.ModifyIndex
-	w.apply(op)
-}
-
-// removeGhostNode undoes a node the register of a node check re-created: if the node was deleted
-// (reaped) after the consistent read, the SkipNodeUpdate registration creates it again without an
-// address or meta, which no registration of a real node can do (Consul requires an address unless
-// SkipNodeUpdate is set). Such a node is deleted, compare-and-set on the index it has, so a real
-// registration landing meanwhile is kept. It reports whether it removed the node.
-func (w *checkWriter) removeGhostNode(ctx context.Context, c *catalogCheck, wo *api.WriteOptions) bool {
-	q := w.r.agent.queryOptions(ctx)
-	q.RequireConsistent = true
-	q.Partition = wo.Partition
-	node, _, err := w.r.agent.client.Catalog().Node(c.Node, q)
-	if err != nil || node == nil || node.Node == nil || node.Node.Address != "" {
-		return false
-	}
-	del := &api.TxnOp{Node: &api.NodeTxnOp{Verb: api.NodeDeleteCAS, Node: api.Node{
-		Node: c.Node, Partition: c.Partition, ModifyIndex: node.Node.ModifyIndex}}}
-	ok, _, _, err := w.r.agent.client.Txn().Txn(api.TxnOps{del}, w.r.agent.queryOptions(ctx))
-	if err != nil || !ok {
-		w.r.logger.Warn("Could not remove the node a check write re-created after it was deregistered",
-			"node", c.Node, "error", err)
-		return false
-	}
-	w.r.logger.Info("Node was deregistered while a check status was written; removed the node the write re-created",
-		"node", c.Node, "checkID", c.CheckID)
-	return true
-}
-
 // apply records a confirmed catalog state (written by us, or already there).
 func (w *checkWriter) apply(op *pendingWrite) {
-	r := w.r
-	r.mu.Lock()
-	defer r.mu.Unlock()
+	w.env.states.Lock()
+	defer w.env.states.Unlock()
 	st := op.st
 	if st.removed {
 		return
@@ -647,7 +510,7 @@ func (w *checkWriter) apply(op *pendingWrite) {
 	}
 	st.check = &c
 	st.refused = false
-	r.raiseKnown(c.ModifyIndex)
+	w.env.confirmed(c.ModifyIndex)
 	if c.Status == statusCritical {
 		if st.criticalSince.IsZero() {
 			st.criticalSince = time.Now()
@@ -656,7 +519,7 @@ func (w *checkWriter) apply(op *pendingWrite) {
 		st.criticalSince = time.Time{}
 	}
 	if old != op.status || op.fresh.Output != op.output {
-		r.logger.Debug("Updated check status in catalog", "checkID", c.CheckID, "node", c.Node, "old", old, "new", op.status)
+		w.env.logger.Debug("Updated check status in catalog", "checkID", c.CheckID, "node", c.Node, "old", old, "new", op.status)
 	}
 }
 
@@ -666,10 +529,9 @@ func (w *checkWriter) apply(op *pendingWrite) {
 func (w *checkWriter) revert(op *pendingWrite) {
 	metrics.IncrCounter(writeFailuresKey, 1)
 	w.failures.Add(1)
-	r := w.r
-	set := r.settings.Load()
-	r.mu.Lock()
-	defer r.mu.Unlock()
+	set := w.env.settings()
+	w.env.states.Lock()
+	defer w.env.states.Unlock()
 	st := op.st
 	if st.removed || st.wantStatus != op.status || st.wantOutput != op.output {
 		return // superseded by a newer result, which is queued already
@@ -685,35 +547,18 @@ func (w *checkWriter) revert(op *pendingWrite) {
 // gone handles a check missing from the consistent read: nothing to write, and the wanted state
 // falls back so nothing is retried until the next load removes the check.
 func (w *checkWriter) gone(op *pendingWrite) {
-	r := w.r
-	r.mu.Lock()
-	defer r.mu.Unlock()
+	w.env.states.Lock()
+	defer w.env.states.Unlock()
 	st := op.st
 	if st.removed || st.wantStatus != op.status || st.wantOutput != op.output {
 		return
 	}
-	r.logger.Debug("Check no longer in the catalog, not writing its status", "checkID", op.checkID, "node", op.node)
+	w.env.logger.Debug("Check no longer in the catalog, not writing its status", "checkID", op.checkID, "node", op.node)
 	st.wantStatus, st.wantOutput = st.check.Status, st.check.Output
 }
 
 // deferEntry is a deferred output write; n must still equal st.deferN when it comes due.
 type deferEntry struct {
-	at time.Time
 	st *checkState
 	n  uint64
-}
-
-type deferHeap []deferEntry
-
-func (h deferHeap) Len() int           { return len(h) }
-func (h deferHeap) Less(i, j int) bool { return h[i].at.Before(h[j].at) }
-func (h deferHeap) Swap(i, j int)      { h[i], h[j] = h[j], h[i] }
-func (h *deferHeap) Push(x any)        { *h = append(*h, x.(deferEntry)) }
-func (h *deferHeap) Pop() any {
-	old := *h
-	n := len(old)
-	e := old[n-1]
-	old[n-1] = deferEntry{}
-	*h = old[:n-1]
-	return e
 }

@@ -2,6 +2,8 @@ package main
 
 import (
 	"fmt"
+	"net/http"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -40,7 +42,7 @@ func TestWriterTakeBatch(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			w := &checkWriter{window: writeBatchWindow}
+			w := &checkWriter{env: writerEnv{window: writeBatchWindow}}
 			w.pending = states(tc.pending)
 			all := append([]*checkState(nil), w.pending...)
 			w.firstAt = now.Add(-tc.age)
@@ -86,7 +88,7 @@ func TestWriterTakeBatch(t *testing.T) {
 		{0, 0, 1, 0},
 		{500 * time.Millisecond, 300 * time.Millisecond, 0, 200 * time.Millisecond},
 	} {
-		w := &checkWriter{window: tc.window, pending: states(1), firstAt: now.Add(-tc.age), lastFlush: now}
+		w := &checkWriter{env: writerEnv{window: tc.window}, pending: states(1), firstAt: now.Add(-tc.age), lastFlush: now}
 		batch, wait := w.takeBatch(now)
 		if len(batch) != tc.wantTake || (tc.wantTake == 0 && wait != tc.wantWait) {
 			t.Errorf("window %v: took %d, wait %v; want %d, %v", tc.window, len(batch), wait, tc.wantTake, tc.wantWait)
@@ -98,6 +100,7 @@ func TestWriterTakeBatch(t *testing.T) {
 // transaction (a 600 KiB Body) is written alone, refused alone, logged once and counted, while its
 // neighbours on the same node turn passing as if it were not there.
 func TestWriterIsolatesOversizedCheck(t *testing.T) {
+	t.Parallel()
 	srv := newTestConsul(t)
 	tg := crNewTarget(t)
 	const node, neighbours = "big-node", 20
@@ -144,6 +147,7 @@ func TestWriterIsolatesOversizedCheck(t *testing.T) {
 // definition has DisableRedirects, which the txn endpoint would drop) whose node is deregistered
 // between the writer's read and its write must not leave the node re-created without its address.
 func TestWriterDoesNotResurrectReapedNode(t *testing.T) {
+	t.Parallel()
 	srv := newTestConsul(t)
 	tg := crNewTarget(t)
 	check := crHTTPCheck("nc", tg.URL+"/nc", 200*time.Millisecond)
@@ -176,5 +180,190 @@ func TestWriterDoesNotResurrectReapedNode(t *testing.T) {
 	}
 	if !strings.Contains(r.logs.String(), "removed the node the write re-created") {
 		t.Errorf("the removal was not logged:\n%s", r.logs)
+	}
+}
+
+// TestCheckWriterConsul covers what Consul decides about our writes: a CAS conflict with an
+// operator's edit is re-read and retried, or reverted as a whole, and a burst of changes is
+// batched into few transactions.
+func TestCheckWriterConsul(t *testing.T) {
+	t.Parallel()
+	srv := newTestConsul(t)
+	c := srv.Client
+
+	t.Run("CASNotClobbered", func(t *testing.T) {
+		tg := crNewTarget(t)
+		var once atomic.Bool
+		var hookErr atomic.Pointer[string]
+		crRegister(t, c, "cr-cas", "api", crHTTPCheck("cas", tg.URL+"/cas", 200*time.Millisecond))
+		r := crStart(t, srv, nil, func(r *CheckRunner) {
+			// Between the writer's consistent read and its txn, an operator edits the check.
+			r.writer.afterRead = func() {
+				if once.Swap(true) {
+					return
+				}
+				cur, err := crGetCheck(c, "cr-cas", "cas")
+				if err != nil || cur == nil {
+					msg := fmt.Sprint("reading check in hook: ", err)
+					hookErr.Store(&msg)
+					return
+				}
+				edit := crHTTPCheck("cas", tg.URL+"/cas", 200*time.Millisecond)
+				edit.Status, edit.Output, edit.Notes = cur.Status, cur.Output, "operator was here"
+				crRegister(t, c, "cr-cas", "api", edit)
+			}
+		})
+		r.SetNodes([]string{"cr-cas"})
+		got := crWaitCheck(t, c, "cr-cas", "cas", 10*time.Second, crStatus(statusPassing, "200 OK"))
+		if msg := hookErr.Load(); msg != nil {
+			t.Fatal(*msg)
+		}
+		if !once.Load() {
+			t.Fatal("hook never ran")
+		}
+		if got.Notes != "operator was here" {
+			t.Fatalf("operator's edit overwritten: notes %q", got.Notes)
+		}
+		if !strings.Contains(r.logs.String(), "retrying the batch") {
+			t.Errorf("stale index did not cause a re-read:\n%s", r.logs)
+		}
+	})
+
+	t.Run("CASRevertedThenRetried", func(t *testing.T) {
+		// The check changes between read and write on every attempt: the transaction is reverted as a
+		// whole after the last retry, and the next probe result tries again.
+		tg := crNewTarget(t)
+		var edits atomic.Int32
+		crRegister(t, c, "cr-cas2", "", crHTTPCheck("cas2", tg.URL+"/cas2", 200*time.Millisecond))
+		r := crStart(t, srv, nil, func(r *CheckRunner) {
+			r.writer.afterRead = func() {
+				n := edits.Add(1)
+				if n > writeAttempts {
+					return
+				}
+				cur, err := crGetCheck(c, "cr-cas2", "cas2")
+				if err != nil || cur == nil {
+					return
+				}
+				edit := crHTTPCheck("cas2", tg.URL+"/cas2", 200*time.Millisecond)
+				edit.Status, edit.Output, edit.Notes = cur.Status, cur.Output, fmt.Sprintf("edit %d", n)
+				crRegister(t, c, "cr-cas2", "", edit)
+			}
+		})
+		r.SetNodes([]string{"cr-cas2"})
+		got := crWaitCheck(t, c, "cr-cas2", "cas2", 10*time.Second, crStatus(statusPassing, "200 OK"))
+		if want := fmt.Sprintf("edit %d", writeAttempts); got.Notes != want {
+			t.Fatalf("notes %q, want the operator's last edit %q", got.Notes, want)
+		}
+		if !strings.Contains(r.logs.String(), "Error(s) returned from txn when updating check status in Consul") {
+			t.Errorf("no txn failure logged:\n%s", r.logs)
+		}
+		if r.writer.failures.Load() == 0 {
+			t.Error("write failure not counted")
+		}
+	})
+
+	t.Run("Batching", func(t *testing.T) {
+		const n = 150
+		tg := crNewTarget(t)
+		var nodes []string
+		for i := range n {
+			node := fmt.Sprintf("cr-batch-%d", i%5)
+			if i < 5 {
+				nodes = append(nodes, node)
+			}
+			chk := crHTTPCheck(fmt.Sprintf("b%d", i), tg.URL+"/b", 300*time.Millisecond)
+			chk.Status = statusPassing
+			crRegister(t, c, node, "", chk)
+		}
+		r := crStart(t, srv, nil, nil)
+		r.SetNodes(nodes)
+		crWaitRunning(t, r, n)
+		// Every check's first result writes its output; then the target fails and all go critical.
+		waitFor(t, 10*time.Second, func() error {
+			if runs := r.runs.Load(); runs < n {
+				return fmt.Errorf("%d runs", runs)
+			}
+			return nil
+		})
+		tg.code.Store(http.StatusInternalServerError)
+		start, txns0 := time.Now(), r.writer.txns.Load()
+		waitFor(t, 10*time.Second, func() error {
+			var list []*catalogCheck
+			q := &api.QueryOptions{RequireConsistent: true, Filter: `Status == "critical" and Node matches "^cr-batch-"`}
+			if _, err := c.Raw().Query("/v1/health/state/any", &list, q); err != nil {
+				return err
+			}
+			if len(list) != n {
+				return fmt.Errorf("%d of %d critical", len(list), n)
+			}
+			return nil
+		})
+		txns := r.writer.txns.Load() - txns0
+		t.Logf("%d status changes in %d transactions (largest %d ops), all in the catalog after %s",
+			n, txns, r.writer.maxOps.Load(), time.Since(start).Round(time.Millisecond))
+		if txns >= n/2 {
+			t.Errorf("%d transactions for %d changes: not batched", txns, n)
+		}
+		if m := r.writer.maxOps.Load(); m > maxTxnOps {
+			t.Errorf("a transaction had %d ops, limit %d", m, maxTxnOps)
+		}
+	})
+}
+
+// TestWriterOutputDeferral runs the real writer against a fake catalog (check_update_interval,
+// DESIGN.md quirk 4): the first result of a started check is written at once, later output-only
+// changes wait out the interval, and the deferred write carries the latest output, not the one
+// that started the deferral.
+func TestWriterOutputDeferral(t *testing.T) {
+	const interval = time.Second
+	c := &catalogCheck{Node: "n1", CheckID: "c", Status: statusPassing, ModifyIndex: 7,
+		Definition: checkDefinition{HTTP: "http://127.0.0.1:1/"}}
+	catalog := newFakeCatalog(c)
+	r := fakeCatalogRunner(t, func(cfg *Config) { cfg.CheckUpdateInterval = interval }, catalog)
+	task := heldTask(r, c)
+	lastOutput := func() string {
+		ws := catalog.writes()
+		if len(ws) == 0 {
+			return ""
+		}
+		return ws[len(ws)-1].output
+	}
+
+	r.handleResult(task, statusPassing, "first")
+	waitFor(t, 5*time.Second, func() error {
+		if got := lastOutput(); got != "first" {
+			return fmt.Errorf("catalog output %q, want the first result's", got)
+		}
+		return nil
+	})
+	deferredAt := time.Now()
+	r.handleResult(task, statusPassing, "second")
+	r.handleResult(task, statusPassing, "third")
+	waitFor(t, 5*time.Second, func() error {
+		if got := lastOutput(); got != "third" {
+			return fmt.Errorf("catalog output %q, want the latest result's", got)
+		}
+		return nil
+	})
+	if waited := time.Since(deferredAt); waited < interval {
+		t.Errorf("deferred output written after %v, before check_update_interval %v", waited, interval)
+	}
+	want := []fakeWrite{{"n1/c", statusPassing, "first"}, {"n1/c", statusPassing, "third"}}
+	if got := catalog.writes(); !slices.Equal(got, want) {
+		t.Errorf("writes %v, want %v", got, want)
+	}
+
+	// A status change does not wait: it goes at once, with its output.
+	r.handleResult(task, statusCritical, "down")
+	start := time.Now()
+	waitFor(t, 5*time.Second, func() error {
+		if got := lastOutput(); got != "down" {
+			return fmt.Errorf("catalog output %q, want the status change's", got)
+		}
+		return nil
+	})
+	if took := time.Since(start); took >= interval {
+		t.Errorf("status change written after %v, want it before check_update_interval", took)
 	}
 }
