@@ -72,7 +72,10 @@ func (c *catalogCheck) checkKey() string {
 	return k
 }
 
-// loadLoop keeps the running checks in line with the catalog until ctx ends.
+// loadLoop keeps the running checks in line with the catalog until ctx ends. It is the one watch
+// not built on blockingQuery: an assignment change cancels the query in flight and starts over at
+// index 0, the pause between loads grows with the number of checks, and an index regression makes
+// it take the catalog's copies; it follows the same index rule (nextWaitIndex) and retry pace.
 func (r *CheckRunner) loadLoop(ctx context.Context) {
 	var (
 		idx          uint64
@@ -81,7 +84,7 @@ func (r *CheckRunner) loadLoop(ctx context.Context) {
 		failing      bool
 		lastStart    time.Time
 		hadChecks    int
-		retry        = newBackoff(250*time.Millisecond, r.agent.config().RetryInterval)
+		retry        = newBackoff(queryRetryMin, r.agent.config().RetryInterval)
 		errMsg       = "Error querying for health check info"
 		fetchAndUpd  = []string{"esm", "checks", "fetch_and_update", "duration"}
 		nodesMonitor = []string{"esm", "nodes", "monitored"}
@@ -170,7 +173,7 @@ func (r *CheckRunner) loadLoop(ctx context.Context) {
 		if !arrived.IsZero() {
 			metrics.MeasureSince(fetchAndUpd, arrived)
 		}
-		idx = meta.LastIndex
+		idx = nextWaitIndex(idx, meta.LastIndex)
 	}
 }
 
@@ -268,7 +271,7 @@ func (r *CheckRunner) waitAssignment(ctx context.Context, d time.Duration) bool 
 }
 
 // fetchChecks runs one (blocking) health-state query and returns the checks on nodes, without the
-// prober's externalNodeHealth checks.
+// node monitor's externalNodeHealth checks.
 func (r *CheckRunner) fetchChecks(ctx context.Context, nodes []string, idx uint64) ([]*catalogCheck, *api.QueryMeta, time.Time, error) {
 	cfg := r.agent.config()
 	q := r.agent.queryOptions(ctx)
@@ -303,7 +306,7 @@ func (r *CheckRunner) fetchChecks(ctx context.Context, nodes []string, idx uint6
 }
 
 // decodeChecks reads a JSON array of health checks and returns those on nodes (sorted), without the
-// prober's externalNodeHealth checks. A check already held at the same ModifyIndex is returned as
+// node monitor's externalNodeHealth checks. A check already held at the same ModifyIndex is returned as
 // the held copy, which reconcile treats as unchanged; an older one is returned as decoded, for
 // reconcileAt to tell a stale read from a catalog that went back.
 func (r *CheckRunner) decodeChecks(body io.Reader, nodes []string) ([]*catalogCheck, error) {

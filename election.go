@@ -152,7 +152,7 @@ func lockRetryWait(lockDelay time.Duration) time.Duration {
 func monitorLock(ctx context.Context, a *Agent, sess, key string) error {
 	var failingSince time.Time
 	grace := a.config().SessionTTL / 2
-	retry := newBackoff(250*time.Millisecond, 250*time.Millisecond)
+	retry := newBackoff(queryRetryMin, queryRetryMin)
 	return blockingQuery(ctx, a, "", retry, func(q *api.QueryOptions) (uint64, error) {
 		pair, meta, err := a.client.KV().Get(key, q)
 		if err != nil {
