@@ -186,7 +186,7 @@ func DefaultConfig() *Config {
 		LockDelay:                 500 * time.Millisecond,
 		QueryWaitTime:             45 * time.Second,
 		KeeperInterval:            30 * time.Second,
-		ReapInterval:              30 * time.Second,
+		ReapInterval:              defaultReapInterval,
 	}
 }
 
@@ -248,7 +248,7 @@ func (c *Config) Validate() error {
 	if c.NodeProbeInterval < time.Second {
 		return fail("node_probe_interval cannot be lower than 1 second")
 	}
-	if c.NodeProbePort < 0 || c.NodeProbePort > 65535 {
+	if c.NodeProbePort < 0 || c.NodeProbePort > maxPort {
 		return fail("node_probe_port %d is not a valid port: must be between 1 and 65535, or 0 to ping with ICMP", c.NodeProbePort)
 	}
 	if c.PassingThreshold < 0 {
@@ -289,13 +289,17 @@ func (c *Config) Validate() error {
 	return nil
 }
 
+// maxPort is the largest TCP or UDP port number.
+const maxPort = 65535
+
+// configCheckHostPort checks that addr is a host:port with a port in range.
 func configCheckHostPort(addr string) error {
 	_, port, err := net.SplitHostPort(addr)
 	if err != nil {
 		return err
 	}
 	n, err := strconv.Atoi(port)
-	if err != nil || n < 0 || n > 65535 {
+	if err != nil || n < 0 || n > maxPort {
 		return fmt.Errorf("invalid port %q", port)
 	}
 	return nil

@@ -20,6 +20,12 @@ import (
 // rejects unknown keys, overlays the file's keys onto the running config through the key tables,
 // then applies the environment and validates. The key tables decode each value from the AST, so
 // every error names its key; a file that fails leaves the config as it was.
+//
+// Why values are decoded from hcl's AST here instead of by hcl.DecodeObject into the struct: HCL v1's
+// decoder has no way to reject unknown keys (a typo would be ignored silently), its errors do not
+// name the key and file an operator must fix, and a key a later file sets to its zero value looks like
+// one it leaves out unless every field is a pointer, while the overlay of -config-dir files needs the
+// difference. Parsing stays hcl's.
 
 // LoadConfig builds the config from defaults overlaid by each path in order. A path may be a file or
 // a directory (non-recursive, entries sorted by name, sub-directories skipped); only files ending in

@@ -489,7 +489,7 @@ func recordOf(n *api.Node) *nodeRecord {
 	rec := &nodeRecord{ID: n.ID, Address: n.Address, Segment: n.Meta[segmentMetaKey], ModifyIndex: n.ModifyIndex}
 	if v, ok := n.Meta[probePortMetaKey]; ok {
 		port, err := strconv.Atoi(v)
-		if err != nil || port < 1 || port > 65535 {
+		if err != nil || port < 1 || port > maxPort {
 			rec.BadProbePort = v
 		} else {
 			rec.ProbePort = port
