@@ -255,6 +255,12 @@ func (r *CheckRunner) Stats() (nodes, checks, passing int) {
 	return nodes, checks, passing
 }
 
+// WriteStats returns how many check writes were given up since start, and how many of those Consul
+// refused as such (for /health).
+func (r *CheckRunner) WriteStats() (failures, refused uint64) {
+	return r.writer.failures.Load(), r.writer.refused.Load()
+}
+
 // Run runs the checks until ctx ends. It may be called once.
 func (r *CheckRunner) Run(ctx context.Context) {
 	var wg sync.WaitGroup

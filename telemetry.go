@@ -425,7 +425,7 @@ func (a *Agent) health(now time.Time) (healthReport, bool) {
 	if e := s.assignmentErr.Load(); e != nil {
 		r.AssignmentError = *e
 	}
-	r.WriteFailures, r.WritesRefused = a.runner.writer.failures.Load(), a.runner.writer.refused.Load()
+	r.WriteFailures, r.WritesRefused = a.runner.WriteStats()
 	// Three missed TTL refreshes mean Consul has been unreachable for longer than a blip; the floor
 	// keeps short test intervals from flapping.
 	staleAfter := max(3*a.config().TTLRefreshInterval, healthMinStaleAfter)
