@@ -1,10 +1,10 @@
 package main
 
 import (
+	"cmp"
 	"encoding/json"
 	"hash/fnv"
 	"slices"
-	"sort"
 )
 
 // assignment is one instance's share of the external nodes, stored as JSON at
@@ -62,7 +62,7 @@ func assign(nodes []externalNode, instances []string, current map[string]assignm
 		return out
 	}
 	insts := slices.Clone(instances)
-	sort.Strings(insts)
+	slices.Sort(insts)
 	insts = slices.Compact(insts)
 
 	var checkNodes, probeNodes []string
@@ -111,7 +111,7 @@ func balance(names []string, insts []string, current map[string]string) map[stri
 	// most already (ties by ID), which keeps moves to the minimum.
 	base, extra := len(names)/len(insts), len(names)%len(insts)
 	order := slices.Clone(insts)
-	sort.SliceStable(order, func(i, j int) bool { return len(held[order[i]]) > len(held[order[j]]) })
+	slices.SortStableFunc(order, func(x, y string) int { return cmp.Compare(len(held[y]), len(held[x])) })
 	target := make(map[string]int, len(insts))
 	for i, inst := range order {
 		target[inst] = base
@@ -126,13 +126,13 @@ func balance(names []string, insts []string, current map[string]string) map[stri
 		if len(h) <= target[inst] {
 			continue
 		}
-		sort.Slice(h, func(i, j int) bool { return score(h[i], inst) > score(h[j], inst) })
+		slices.SortFunc(h, func(x, y string) int { return cmp.Compare(score(y, inst), score(x, inst)) })
 		free = append(free, h[target[inst]:]...)
 		held[inst] = h[:target[inst]]
 	}
 
 	// Free nodes go to the under-target instance that ranks them highest (rendezvous order).
-	sort.Strings(free)
+	slices.Sort(free)
 	for _, n := range free {
 		best, bestScore := "", uint64(0)
 		for _, inst := range insts {
@@ -146,7 +146,7 @@ func balance(names []string, insts []string, current map[string]string) map[stri
 		held[best] = append(held[best], n)
 	}
 	for _, inst := range insts {
-		sort.Strings(held[inst])
+		slices.Sort(held[inst])
 	}
 	return held
 }

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"maps"
 	"slices"
-	"sort"
 	"strings"
 	"sync"
 	"time"
@@ -213,7 +212,7 @@ func (a *Agent) syncAssignments(ctx context.Context, sess string, desired map[st
 		}
 		wrote = append(wrote, ids[b[0]:b[1]]...)
 	}
-	sort.Strings(wrote)
+	slices.Sort(wrote)
 	return wrote, nil
 }
 

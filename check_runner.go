@@ -5,7 +5,6 @@ import (
 	"crypto/tls"
 	"math/rand/v2"
 	"slices"
-	"sort"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -191,7 +190,7 @@ func newCheckRunner(a *Agent, tlsCfg *tls.Config) *CheckRunner {
 // in-flight health query so the new set is loaded at once.
 func (r *CheckRunner) SetNodes(nodes []string) {
 	nodes = slices.Clone(nodes)
-	sort.Strings(nodes)
+	slices.Sort(nodes)
 	nodes = slices.Compact(nodes)
 	r.nodesMu.Lock()
 	if slices.Equal(nodes, r.nodes) && r.nodesGen > 0 {

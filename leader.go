@@ -5,7 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
-	"sort"
+	"strings"
 	"sync"
 	"time"
 
@@ -185,7 +185,7 @@ func (a *Agent) watchExternalNodes(ctx context.Context, out chan []externalNode)
 		for _, n := range list {
 			nodes = append(nodes, externalNode{Name: n.Node, Probe: n.Meta["external-probe"] == "true"})
 		}
-		sort.Slice(nodes, func(i, j int) bool { return nodes[i].Name < nodes[j].Name })
+		slices.SortFunc(nodes, func(x, y externalNode) int { return strings.Compare(x.Name, y.Name) })
 		if first || !slices.Equal(nodes, last) {
 			first = false
 			last = nodes
@@ -210,7 +210,7 @@ func (a *Agent) watchInstances(ctx context.Context, out chan []string) {
 		for _, e := range entries {
 			ids = append(ids, e.Service.ID)
 		}
-		sort.Strings(ids)
+		slices.Sort(ids)
 		ids = slices.Compact(ids)
 		if first || !slices.Equal(ids, last) {
 			first = false
