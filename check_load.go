@@ -258,16 +258,7 @@ func (r *CheckRunner) loadGap(checks int) time.Duration {
 
 // waitAssignment sleeps for d; it returns false early when the assignment changes or ctx ends.
 func (r *CheckRunner) waitAssignment(ctx context.Context, d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return false
-	case <-r.nodesChanged:
-		return false // the caller re-reads the assignment
-	case <-t.C:
-		return true
-	}
+	return sleepUnlessWoken(ctx, d, r.nodesChanged) // woken: the caller re-reads the assignment
 }
 
 // fetchChecks runs one (blocking) health-state query and returns the checks on nodes, without the

@@ -22,12 +22,10 @@ const lockFlagValue = 0x2ddccbc058a50c18
 // has returned: from then on this instance must not act as the leader. Close resigns (releases the
 // key); the session itself stays the caller's.
 type term struct {
-	agent  *Agent
-	sess   *session
-	key    string
-	cancel context.CancelFunc // stops the key watch
-	done   chan struct{}
-	err    error // why the term ended; written before done closes
+	*lifetime // following the key: Done closes when leadership is lost, Err says why
+	agent     *Agent
+	sess      *session
+	key       string
 }
 
 // campaign blocks until sess holds key, and returns the term that then begins. It fails when ctx
@@ -57,43 +55,29 @@ func campaign(ctx context.Context, a *Agent, sess *session, key string) (*term, 
 }
 
 func startTerm(ctx context.Context, a *Agent, sess *session, key string) *term {
-	wctx, cancel := context.WithCancel(ctx)
-	t := &term{agent: a, sess: sess, key: key, cancel: cancel, done: make(chan struct{})}
-	go func() {
-		defer close(t.done)
+	t := &term{agent: a, sess: sess, key: key}
+	t.lifetime = startLifetime(ctx, func(ctx context.Context) error {
+		wctx, cancel := context.WithCancel(ctx)
+		defer cancel()
 		lost := make(chan error, 1)
 		go func() { lost <- monitorLock(wctx, a, sess.ID(), key) }()
 		select {
 		case <-sess.Done():
 			cancel()
 			<-lost
-			t.err = sess.Err()
-		case t.err = <-lost:
+			return sess.Err()
+		case err := <-lost:
+			return err
 		}
-	}()
+	})
 	return t
-}
-
-// Done returns a channel that closes when leadership is lost: the key is no longer held by the
-// session, the session is no longer refreshed, the ctx given to campaign ended, or Close ran.
-func (t *term) Done() <-chan struct{} { return t.done }
-
-// Err is why the term ended; nil until Done's channel has closed.
-func (t *term) Err() error {
-	select {
-	case <-t.done:
-		return t.err
-	default:
-		return nil
-	}
 }
 
 // Close stops following the key and resigns: the key is released (not left to the session's
 // destruction, which would impose the lock delay on the next leader). With ctx already ended it
 // only stops following the key and returns ctx's error.
 func (t *term) Close(ctx context.Context) error {
-	t.cancel()
-	<-t.done
+	t.stop()
 	if err := ctx.Err(); err != nil {
 		return err
 	}

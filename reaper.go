@@ -18,16 +18,7 @@ func (r *CheckRunner) reapLoop(ctx context.Context) {
 	if interval <= 0 {
 		interval = defaultReapInterval
 	}
-	tick := time.NewTicker(interval)
-	defer tick.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-tick.C:
-			r.reapOnce(ctx)
-		}
-	}
+	every(ctx, interval, r.reapOnce)
 }
 
 // reapTarget is a service to deregister, with what the log line reports about it.

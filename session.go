@@ -19,11 +19,9 @@ import (
 // session, so whatever it holds must be treated as lost. Destroying the session is the owner's
 // decision, made with Close.
 type session struct {
-	agent  *Agent
-	id     string
-	cancel context.CancelFunc // stops the renewal
-	done   chan struct{}
-	err    error // why the renewal stopped; written before done closes
+	*lifetime // the renewal: Done closes when it stopped, Err says why
+	agent     *Agent
+	id        string
 }
 
 // newSession creates the session entry describes and starts renewing it until ctx ends.
@@ -32,39 +30,20 @@ func newSession(ctx context.Context, a *Agent, entry *api.SessionEntry) (*sessio
 	if err != nil {
 		return nil, err
 	}
-	rctx, cancel := context.WithCancel(ctx)
-	s := &session{agent: a, id: id, cancel: cancel, done: make(chan struct{})}
+	s := &session{agent: a, id: id}
 	ttl := a.config().SessionTTL
-	go func() {
-		defer close(s.done)
-		s.err = s.renew(rctx, ttl)
-	}()
+	s.lifetime = startLifetime(ctx, func(ctx context.Context) error { return s.renew(ctx, ttl) })
 	return s, nil
 }
 
 // ID is the session's Consul ID, for the KV operations made under it.
 func (s *session) ID() string { return s.id }
 
-// Done returns a channel that closes when the session is no longer being refreshed: it expired or
-// was destroyed, renewing failed for a whole TTL, the ctx it was created with ended, or Close ran.
-func (s *session) Done() <-chan struct{} { return s.done }
-
-// Err is why the session stopped being refreshed; nil until Done's channel has closed.
-func (s *session) Err() error {
-	select {
-	case <-s.done:
-		return s.err
-	default:
-		return nil
-	}
-}
-
 // Close stops the renewal and destroys the session, which releases every key it holds. With ctx
 // already ended it only stops the renewal and returns ctx's error: the session is then left to
 // expire on its TTL, as a crashed process's would. Close may be called again to retry the destroy.
 func (s *session) Close(ctx context.Context) error {
-	s.cancel()
-	<-s.done
+	s.stop()
 	if err := ctx.Err(); err != nil {
 		return err
 	}

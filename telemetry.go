@@ -357,19 +357,12 @@ func (a *Agent) runHTTP(ctx context.Context) {
 
 // collectStats emits go-metrics' runtime gauges and our probe gauges every second until ctx ends.
 func (a *Agent) collectStats(ctx context.Context) {
-	tick := time.NewTicker(runtimeStatsEvery)
-	defer tick.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-tick.C:
-		}
+	every(ctx, runtimeStatsEvery, func(context.Context) {
 		a.telemetry.metrics.EmitRuntimeStats()
 		nodes, reachable := a.monitor.Stats()
 		metrics.SetGauge([]string{"esm", "probes", "monitored"}, float32(nodes))
 		metrics.SetGauge([]string{"esm", "probes", "reachable"}, float32(reachable))
-	}
+	})
 }
 
 // httpHandler routes the operator endpoints. pprof is only exposed with enable_debug: profiles reveal
