@@ -385,8 +385,10 @@ func TestVerifyConsulCompatibility(t *testing.T) {
 
 // TestLeaderCrashFailover kills the leader without any cleanup (as SIGKILL would) and measures how
 // long until the survivor leads and owns the dead instance's nodes: bounded by the session/TTL-check
-// expiry plus the lock delay. Serial: it measures seconds against a bound.
+// expiry plus the lock delay. Parallel: the bound leaves two seconds of slack with other tests
+// running.
 func TestLeaderCrashFailover(t *testing.T) {
+	t.Parallel()
 	srv := newTestConsul(t)
 	nodes := []string{"n1", "n2", "n3", "n4"}
 	for _, n := range nodes {

@@ -206,7 +206,7 @@ func (fc *failoverCluster) killAndMeasure(t *testing.T, victim *esmProc) time.Du
 
 // TestFailoverAfterSIGKILL measures, at the defaults, the time from SIGKILL of the leader or of the
 // other instance to the survivor running the dead instance's checks. Serial (its cases run in
-// parallel with each other only): it measures seconds against a goal.
+// parallel with each other only): the measured failover is within a second of the goal.
 func TestFailoverAfterSIGKILL(t *testing.T) {
 	runs := failoverRuns(t)
 	for _, tc := range []struct {
@@ -245,7 +245,7 @@ func TestFailoverAfterSIGKILL(t *testing.T) {
 
 // TestNoFailoverOnStall: an instance stopped (SIGSTOP) for stallTolerated, or cut off from Consul for
 // as long, keeps its nodes: no reassignment, leader or not. Serial (its cases run in parallel with
-// each other only): a stall plus other tests' load must not add up to more than it measures.
+// each other only): the stall is half a second shorter than what is forgiven.
 func TestNoFailoverOnStall(t *testing.T) {
 	stall := stallTolerated
 	if v := os.Getenv("ESM_STALL"); v != "" { // to find the largest stall tolerated

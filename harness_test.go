@@ -25,9 +25,9 @@ import (
 //
 // A test that owns its Consul waits on it and on timers, not on the CPU, so it calls t.Parallel
 // (`make test` runs several at once with -parallel). Three kinds stay serial, which go test runs
-// alone before any parallel one: tests that measure seconds against bounds (other tests' load would
-// skew them), tests that count the process's goroutines, and tests that read metrics through the
-// go-metrics global (every agent started replaces it).
+// alone before any parallel one: tests whose time bounds leave a second or less of slack over what
+// they measure (other tests' load could use it up), tests that count the process's goroutines, and
+// tests that read metrics through the go-metrics global (every agent started replaces it).
 type testConsul struct {
 	*testutil.TestServer
 	Client *api.Client
