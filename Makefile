@@ -10,7 +10,7 @@ LDFLAGS     := -s -w -X 'main.GitCommit=$(GIT_COMMIT)$(GIT_DIRTY)'
 TEST_TIMEOUT ?= 15m
 # Tests wait on Consul and timers far more than they compute, so more of them run at once than go
 # test's default (GOMAXPROCS, two on a 2-core machine) allows.
-TEST_PARALLEL ?= 8
+TEST_PARALLEL ?= 12
 TESTARGS    ?=
 
 # Tests exec `consul` from PATH (sdk/testutil); bin/ goes first so the one we built wins.
