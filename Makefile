@@ -8,6 +8,9 @@ GIT_COMMIT  := $(shell git rev-parse --short HEAD 2>/dev/null)
 GIT_DIRTY   := $(shell test -n "`git status --porcelain 2>/dev/null`" && echo "+CHANGES")
 LDFLAGS     := -s -w -X 'main.GitCommit=$(GIT_COMMIT)$(GIT_DIRTY)'
 TEST_TIMEOUT ?= 15m
+# Tests wait on Consul and timers far more than they compute, so more of them run at once than go
+# test's default (GOMAXPROCS, two on a 2-core machine) allows.
+TEST_PARALLEL ?= 12
 TESTARGS    ?=
 
 # Tests exec `consul` from PATH (sdk/testutil); bin/ goes first so the one we built wins.
@@ -27,7 +30,7 @@ consul:
 	@scripts/ensure-consul
 
 test: consul
-	$(GO) test -race -timeout $(TEST_TIMEOUT) $(TESTARGS) ./...
+	$(GO) test -race -parallel $(TEST_PARALLEL) -timeout $(TEST_TIMEOUT) $(TESTARGS) ./...
 
 # A throwaway Consul dev agent, a sample service and consul-esm, all on 127.0.0.1, with a live table of
 # the checks turning passing, then critical; Ctrl-C stops everything and cleans up. DEMOARGS passes

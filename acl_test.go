@@ -35,6 +35,7 @@ func readmeACLPolicy(t *testing.T) string {
 }
 
 func TestACLMinimalPolicyAndTokenRotation(t *testing.T) {
+	t.Parallel()
 	srv := newTestConsul(t, func(c *testutil.TestServerConfig) {
 		c.ACL.Enabled = true
 		c.ACL.DefaultPolicy = "deny"

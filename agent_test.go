@@ -28,6 +28,7 @@ func serviceEntry(t *testing.T, c *api.Client, id string) (*api.AgentService, *a
 }
 
 func TestAgentRegistrationLifecycle(t *testing.T) {
+	t.Parallel()
 	srv := newTestConsul(t)
 	cfg := testConfig(srv)
 	cfg.Tag = "blue"
@@ -91,6 +92,7 @@ func TestAgentRegistrationLifecycle(t *testing.T) {
 // once the TTL check turns critical; it never exits for this (five such exits used to exhaust the
 // systemd unit's start limit). A second live instance with the same ID waits too.
 func TestAgentDuplicateInstanceID(t *testing.T) {
+	t.Parallel()
 	srv := newTestConsul(t)
 	cfg := testConfig(srv)
 	cfg.InstanceID = "fixed"
@@ -235,6 +237,7 @@ func sorted(s []string) []string {
 }
 
 func TestLeaderElectionAndAssignment(t *testing.T) {
+	t.Parallel()
 	srv := newTestConsul(t)
 	nodes := []string{"ext-1", "ext-2", "ext-3", "ext-4", "ext-5", "ext-6", "ext-7"}
 	for i, n := range nodes {
@@ -382,8 +385,10 @@ func TestVerifyConsulCompatibility(t *testing.T) {
 
 // TestLeaderCrashFailover kills the leader without any cleanup (as SIGKILL would) and measures how
 // long until the survivor leads and owns the dead instance's nodes: bounded by the session/TTL-check
-// expiry plus the lock delay.
+// expiry plus the lock delay. Parallel: the bound leaves two seconds of slack with other tests
+// running.
 func TestLeaderCrashFailover(t *testing.T) {
+	t.Parallel()
 	srv := newTestConsul(t)
 	nodes := []string{"n1", "n2", "n3", "n4"}
 	for _, n := range nodes {
@@ -413,6 +418,7 @@ func TestLeaderCrashFailover(t *testing.T) {
 }
 
 func TestAgentShutdownWithConsulGone(t *testing.T) {
+	t.Parallel()
 	srv := newTestConsul(t)
 	ra := startAgent(t, testConfig(srv))
 	waitLeader(t, ra, 10*time.Second)

@@ -32,6 +32,7 @@ func sessionCheck(t *testing.T, c *api.Client, a *runningAgent) *api.HealthCheck
 }
 
 func TestAgentlessRegistrationLifecycle(t *testing.T) {
+	t.Parallel()
 	srv := newTestConsul(t)
 	ra := startAgent(t, agentlessConfig(srv))
 	id := ra.serviceID
@@ -102,6 +103,7 @@ func TestAgentlessRegistrationLifecycle(t *testing.T) {
 }
 
 func TestAgentlessTwoInstancesShareWork(t *testing.T) {
+	t.Parallel()
 	srv := newTestConsul(t)
 	nodes := []string{"a1", "a2", "a3"}
 	for i, n := range nodes {

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -17,6 +18,7 @@ import (
 // overwritten, malformed, rolled back), the leader puts the desired assignment back within one
 // watch round, and the instance runs its nodes again.
 func TestLeaderRewritesDriftedAssignments(t *testing.T) {
+	t.Parallel()
 	srv := newTestConsul(t)
 	nodes := []string{"n1", "n2", "n3", "n4"}
 	for _, n := range nodes {
@@ -65,6 +67,7 @@ func TestLeaderRewritesDriftedAssignments(t *testing.T) {
 // TestAssignmentWriteNeedsTheLeaderLock: an assignment transaction from a session that does not hold
 // <kv>leader (a leader deposed while paused) fails as a whole and changes nothing.
 func TestAssignmentWriteNeedsTheLeaderLock(t *testing.T) {
+	t.Parallel()
 	srv := newTestConsul(t)
 	ra := startAgent(t, testConfig(srv))
 	waitLeader(t, ra, 10*time.Second)
@@ -94,6 +97,7 @@ func TestAssignmentWriteNeedsTheLeaderLock(t *testing.T) {
 // TestWorkerKeepsAssignmentOnMalformedKey: with no leader to repair it, a malformed key leaves the
 // instance running its last valid assignment, and the problem is logged once, not on every round.
 func TestWorkerKeepsAssignmentOnMalformedKey(t *testing.T) {
+	t.Parallel()
 	srv := newTestConsul(t)
 	holdLeaderLock(t, srv.Client)
 	cfg := testConfig(srv)
@@ -144,7 +148,8 @@ func putKV(c *api.Client, key, value string) error {
 
 // TestAssignmentOf50kNodes: 50,000 nodes with realistic names fit 5 instances (each share written
 // in a transaction of its own), and one instance alone gets a clear error naming the limit on
-// /health and in a metric instead of a silent retry loop.
+// /health and in a metric instead of a silent retry loop. Serial: it reads a metric through the
+// go-metrics global.
 func TestAssignmentOf50kNodes(t *testing.T) {
 	if testing.Short() {
 		t.Skip("registers 50,000 nodes")
@@ -215,13 +220,29 @@ func TestAssignmentOf50kNodes(t *testing.T) {
 	}
 }
 
-// txnInBatches applies ops in transactions of at most maxTxnOps.
+// txnInBatches applies ops in transactions of at most maxTxnOps, txnSetupConcurrency at a time: the
+// ops are independent, and one round trip after the other is most of a 50,000-node setup.
 func txnInBatches(t testing.TB, c *api.Client, ops api.TxnOps) {
 	t.Helper()
-	for chunk := range slices.Chunk(ops, maxTxnOps) {
-		ok, resp, _, err := c.Txn().Txn(chunk, nil)
-		if err != nil || !ok {
-			t.Fatalf("transaction: %v %s", err, txnErrors(resp))
+	const txnSetupConcurrency = 4
+	chunks := slices.Collect(slices.Chunk(ops, maxTxnOps))
+	errs := make([]error, len(chunks))
+	sem := make(chan struct{}, txnSetupConcurrency)
+	var wg sync.WaitGroup
+	for i, chunk := range chunks {
+		sem <- struct{}{}
+		wg.Go(func() {
+			defer func() { <-sem }()
+			ok, resp, _, err := c.Txn().Txn(chunk, nil)
+			if err != nil || !ok {
+				errs[i] = fmt.Errorf("transaction: %v %s", err, txnErrors(resp))
+			}
+		})
+	}
+	wg.Wait()
+	for _, err := range errs {
+		if err != nil {
+			t.Fatal(err)
 		}
 	}
 }

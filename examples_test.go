@@ -162,6 +162,7 @@ func TestExampleNodeJSON(t *testing.T) {
 }
 
 func TestDockerEntrypoint(t *testing.T) {
+	t.Parallel()
 	sh, err := exec.LookPath("sh")
 	if err != nil {
 		t.Skip("no sh")
@@ -390,6 +391,7 @@ func checkLine(line, node, check, status string) bool {
 // and consul-esm; every check must turn passing, the broken endpoint's check critical, then passing
 // again, and nothing may be left behind.
 func TestDemoEndToEnd(t *testing.T) {
+	t.Parallel()
 	if testing.Short() {
 		t.Skip("starts Consul and consul-esm processes")
 	}

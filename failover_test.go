@@ -205,7 +205,8 @@ func (fc *failoverCluster) killAndMeasure(t *testing.T, victim *esmProc) time.Du
 }
 
 // TestFailoverAfterSIGKILL measures, at the defaults, the time from SIGKILL of the leader or of the
-// other instance to the survivor running the dead instance's checks.
+// other instance to the survivor running the dead instance's checks. Serial (its cases run in
+// parallel with each other only): the measured failover is within a second of the goal.
 func TestFailoverAfterSIGKILL(t *testing.T) {
 	runs := failoverRuns(t)
 	for _, tc := range []struct {
@@ -243,7 +244,8 @@ func TestFailoverAfterSIGKILL(t *testing.T) {
 }
 
 // TestNoFailoverOnStall: an instance stopped (SIGSTOP) for stallTolerated, or cut off from Consul for
-// as long, keeps its nodes: no reassignment, leader or not.
+// as long, keeps its nodes: no reassignment, leader or not. Serial (its cases run in parallel with
+// each other only): the stall is half a second shorter than what is forgiven.
 func TestNoFailoverOnStall(t *testing.T) {
 	stall := stallTolerated
 	if v := os.Getenv("ESM_STALL"); v != "" { // to find the largest stall tolerated

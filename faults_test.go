@@ -89,6 +89,7 @@ func warnCounts(logs string) map[string]int {
 // flips; after the fault clears, the status change must reach the catalog (nothing lost), and each
 // problem must be logged a bounded number of times (no log storm).
 func TestConsulFaults(t *testing.T) {
+	t.Parallel()
 	srv := newTestConsul(t)
 	proxy := newFaultProxy(t, srv.HTTPAddr)
 

@@ -22,6 +22,12 @@ import (
 
 // testConsul is a real Consul dev server (the `consul` binary on PATH, built by `make consul`) with
 // short session TTLs so leadership tests take seconds.
+//
+// A test that owns its Consul waits on it and on timers, not on the CPU, so it calls t.Parallel
+// (`make test` runs several at once with -parallel). Three kinds stay serial, which go test runs
+// alone before any parallel one: tests whose time bounds leave a second or less of slack over what
+// they measure (other tests' load could use it up), tests that count the process's goroutines, and
+// tests that read metrics through the go-metrics global (every agent started replaces it).
 type testConsul struct {
 	*testutil.TestServer
 	Client *api.Client
@@ -167,6 +173,7 @@ func waitLeader(t testing.TB, ra *runningAgent, timeout time.Duration) {
 }
 
 func TestHarnessConsulSmoke(t *testing.T) {
+	t.Parallel()
 	srv := newTestConsul(t)
 	client, _, err := newConsulClientHTTP(testConfig(srv))
 	if err != nil {

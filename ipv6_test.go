@@ -123,6 +123,7 @@ func TestProbeIPv6(t *testing.T) {
 // check kind on ::1 turns passing in the catalog, and the nodes are probed, one by ICMPv6 (unless this
 // machine allows no ICMP sockets) and one by a TCP connect to [::1]:port, passing with coordinates.
 func TestAgentIPv6(t *testing.T) {
+	t.Parallel()
 	needIPv6Loopback(t)
 	srv := newTestConsul(t)
 	c := srv.Client

@@ -195,6 +195,7 @@ func startAgainstFake(t *testing.T, mutate func(*Config)) (*fakeEnterpriseConsul
 }
 
 func TestPartitionAndNamespaceOnEveryRequest(t *testing.T) {
+	t.Parallel()
 	fake, ra := startAgainstFake(t, func(cfg *Config) { cfg.Partition = "team-a" })
 
 	// The check (critical in the fake catalog, passing at the target) gets written with its namespace.
@@ -230,6 +231,7 @@ func TestPartitionAndNamespaceOnEveryRequest(t *testing.T) {
 }
 
 func TestStaleReadNodes(t *testing.T) {
+	t.Parallel()
 	for _, stale := range []bool{false, true} {
 		t.Run(fmt.Sprintf("stale=%v", stale), func(t *testing.T) {
 			fake, ra := startAgainstFake(t, func(cfg *Config) { cfg.StaleReadNodes = stale })

@@ -300,8 +300,10 @@ func (cp *consulProc) stop(t testing.TB, sig syscall.Signal) {
 // each outage half of the targets change health; right after Consul is back the other half does. Both
 // changes must reach the catalog within two check intervals (plus a second of slack for the round
 // trips), every check must be executed again within two intervals, both instances must be registered
-// and passing again, and exactly one of them must lead again.
+// and passing again, and exactly one of them must lead again. Parallel: its bounds leave seconds of
+// slack over what it measures with other tests running.
 func TestReliabilityConsulRestart(t *testing.T) {
+	t.Parallel()
 	const (
 		outage = 4 * time.Second // longer than the session TTL (2s) and the agent TTL (3s)
 		slack  = time.Second
@@ -433,6 +435,7 @@ func TestReliabilityConsulRestart(t *testing.T) {
 // running: it must notice, end its term (no leader work without the lock) and compete again, so it
 // leads again once the lock delay has passed, and its leader work still reacts to changes.
 func TestReliabilityLeaderLosesLock(t *testing.T) {
+	t.Parallel()
 	srv := newTestConsul(t)
 	c := srv.Client
 	registerExternalNode(t, c, "lock-a", false)
@@ -479,7 +482,8 @@ func TestReliabilityLeaderLosesLock(t *testing.T) {
 // which start them within one interval. So no check may go unexecuted longer than
 // TTL + lock delay + 2 intervals (the interval it last ran before the crash, and the random start
 // within one interval after the handover), plus the Consul round trips of the handover. Checks that
-// stay with a survivor must not notice the crash at all.
+// stay with a survivor must not notice the crash at all. Serial: a survivor's check may run at most
+// half an interval late.
 func TestReliabilityLeaderCrashGaps(t *testing.T) {
 	srv := newTestConsul(t)
 	c := srv.Client
@@ -561,7 +565,8 @@ const (
 // churnDuration, stops one (gracefully, or as a crash for every third instance started) or starts a
 // new one, the leader included. Afterwards, with three instances settled, every check must be run by
 // exactly one instance (churnWindow/interval runs in the window, not twice that; and in exactly one
-// runner's state), and once all instances stopped no goroutine may be left behind.
+// runner's state), and once all instances stopped no goroutine may be left behind. Serial: it
+// counts runs in a fixed window and the process's goroutines.
 func TestReliabilityInstanceChurn(t *testing.T) {
 	srv := newTestConsul(t)
 	// The test's own Consul client on a transport it can drain, so its keep-alive connections do not

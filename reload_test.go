@@ -143,6 +143,7 @@ func writeConfig(t *testing.T, path, body string) {
 // TestReloadInProcess reloads a running leader: thresholds and level change, restart-only keys are
 // named and kept, leadership is untouched, and a broken file changes nothing.
 func TestReloadInProcess(t *testing.T) {
+	t.Parallel()
 	srv := newTestConsul(t)
 	ra := startAgent(t, testConfig(srv))
 	waitLeader(t, ra, 15*time.Second)
@@ -218,6 +219,7 @@ var httpAddrLine = regexp.MustCompile(`Serving HTTP interface: address=(\S+)`)
 // switches the log level to DEBUG and rotates the ACL token (good → bad → good), and /health follows
 // the token. SIGUSR1 dumps the in-memory metrics.
 func TestReloadSIGHUPRunningProcess(t *testing.T) {
+	t.Parallel()
 	bin := esmBinary(t)
 	srv := newTestConsul(t, func(c *testutil.TestServerConfig) {
 		c.ACL.Enabled = true

@@ -55,7 +55,7 @@ func waitHTTPBase(t testing.TB, ra *runningAgent) string {
 
 // TestTelemetryHTTPEndToEnd runs an agent against a real Consul with Prometheus and pprof enabled,
 // scrapes /metrics for the original's series, and watches /health go from 200 to 503 once Consul
-// is gone.
+// is gone. Serial: it reads metrics through the go-metrics global.
 func TestTelemetryHTTPEndToEnd(t *testing.T) {
 	srv := newTestConsul(t)
 	cfg := testConfig(srv)
@@ -504,6 +504,7 @@ func TestTelemetryHTTPOpenFailure(t *testing.T) {
 // /health to 503 (a liveness probe would restart an instance doing its job); the body and the
 // metrics show the failures.
 func TestHealthIgnoresSingleFailedWrite(t *testing.T) {
+	t.Parallel()
 	srv := newTestConsul(t)
 	tg := crNewTarget(t)
 	big := crHTTPCheck("big", tg.URL+"/big", 200*time.Millisecond)
