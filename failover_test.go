@@ -7,7 +7,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
-	"sort"
 	"strconv"
 	"strings"
 	"syscall"
@@ -120,7 +119,7 @@ func (fc *failoverCluster) assignments() (map[string][]string, error) {
 			return nil, fmt.Errorf("%s: %w", p.Key, err)
 		}
 		nodes := as.all()
-		sort.Strings(nodes)
+		slices.Sort(nodes)
 		out[strings.TrimPrefix(p.Key, "consul-esm/agents/")] = nodes
 	}
 	return out, nil
@@ -142,7 +141,7 @@ func (fc *failoverCluster) waitSplit(t *testing.T, procs []*esmProc, timeout tim
 			}
 			all = append(all, got[p.serviceID()]...)
 		}
-		sort.Strings(all)
+		slices.Sort(all)
 		if len(got) != len(procs) || !slices.Equal(all, fc.nodes) {
 			return fmt.Errorf("assignment %v", got)
 		}

@@ -8,7 +8,7 @@ import (
 	"net/http/httputil"
 	"net/url"
 	"regexp"
-	"sort"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -149,7 +149,7 @@ func TestConsulFaults(t *testing.T) {
 			for k := range counts {
 				keys = append(keys, k)
 			}
-			sort.Strings(keys)
+			slices.Sort(keys)
 			for _, k := range keys {
 				t.Logf("  %3d x %s", counts[k], k)
 				if counts[k] > 6 {
