@@ -100,7 +100,8 @@ func TestWriterTakeBatch(t *testing.T) {
 // transaction (a 600 KiB Body) is written alone, refused alone, logged once and counted, while its
 // neighbours on the same node turn passing as if it were not there.
 func TestWriterIsolatesOversizedCheck(t *testing.T) {
-	t.Parallel()
+	// Serial: it reads esm_checks_write_refused, which goes through go-metrics' global sink, and
+	// every NewAgent in a parallel test replaces that sink.
 	srv := newTestConsul(t)
 	tg := crNewTarget(t)
 	const node, neighbours = "big-node", 20

@@ -14,6 +14,9 @@ import (
 // leaseAgent is an Agent with a client for srv and nothing running: enough for sessions and terms.
 func leaseAgent(t *testing.T, srv *testConsul) *Agent {
 	t.Helper()
+	// A session is bound to the agent's node, which the server registers shortly after it leads:
+	// creating one earlier fails with "Missing node registration".
+	srv.WaitForSerfCheck(t)
 	cfg := testConfig(srv)
 	cfg.SessionTTL = time.Second // the test server's session_ttl_min
 	client, _, err := newConsulClientHTTP(cfg)
