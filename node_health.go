@@ -178,16 +178,11 @@ func (nm *NodeMonitor) nodeAlive(ctx context.Context, node string, st *nodeState
 		}})
 	}
 	ops = append(ops, nm.checkOp(node, api.HealthPassing, nodeAliveOutput))
-	metrics.IncrCounter([]string{"coord", "txn"}, 1)
-	_, ok, _ := nm.txn(ctx, node, ops)
-
-	nm.mu.Lock()
-	defer nm.mu.Unlock()
-	if !ok {
-		// Most likely the marker changed under us (another instance during a rebalance): re-read.
-		st.kvKnown = false
+	if _, ok := nm.writeNodeHealth(ctx, node, st, ops); !ok {
 		return
 	}
+	nm.mu.Lock()
+	defer nm.mu.Unlock()
 	st.marker = failureMarker{}
 	st.lastStatus, st.lastWrite = api.HealthPassing, now
 }
@@ -231,15 +226,12 @@ func (nm *NodeMonitor) nodeFailed(ctx context.Context, node string, st *nodeStat
 		}})
 	}
 	ops = append(ops, nm.checkOp(node, api.HealthCritical, nodeCriticalOutput))
-	metrics.IncrCounter([]string{"coord", "txn"}, 1)
-	resp, ok, _ := nm.txn(ctx, node, ops)
-
-	nm.mu.Lock()
-	defer nm.mu.Unlock()
+	resp, ok := nm.writeNodeHealth(ctx, node, st, ops)
 	if !ok {
-		st.kvKnown = false
 		return
 	}
+	nm.mu.Lock()
+	defer nm.mu.Unlock()
 	if startClock {
 		st.marker = failureMarker{exists: true, since: now}
 		if len(resp.Results) > 0 && resp.Results[0].KV != nil {
@@ -331,6 +323,20 @@ func (st *nodeState) reRegistered() {
 	if st.marker.exists {
 		st.marker.restart = true
 	}
+}
+
+// writeNodeHealth sends a node's externalNodeHealth write (with its marker ops) as one transaction.
+// When it does not land, the marker most likely changed under us (another instance during a
+// rebalance): what st knows of it is dropped, so the next ping reads it again.
+func (nm *NodeMonitor) writeNodeHealth(ctx context.Context, node string, st *nodeState, ops api.TxnOps) (*api.TxnResponse, bool) {
+	metrics.IncrCounter([]string{"coord", "txn"}, 1)
+	resp, ok, _ := nm.txn(ctx, node, ops)
+	if !ok {
+		nm.mu.Lock()
+		st.kvKnown = false
+		nm.mu.Unlock()
+	}
+	return resp, ok
 }
 
 // txn applies ops and logs failures. It returns the response, whether the transaction was
