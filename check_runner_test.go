@@ -43,8 +43,7 @@ func crStart(t *testing.T, srv *testConsul, mutate func(*Config), before func(*C
 	if mutate != nil {
 		mutate(cfg)
 	}
-	logs := &logBuffer{}
-	logger := hclog.New(&hclog.LoggerOptions{Name: "consul-esm", Level: hclog.Trace, Output: logs})
+	logger, logs := testLogger(hclog.Trace)
 	a, err := NewAgent(cfg, logger, AgentOptions{})
 	if err != nil {
 		t.Fatalf("NewAgent: %v", err)

@@ -92,12 +92,7 @@ func startAgent(t testing.TB, cfg *Config) *runningAgent {
 
 func startAgentOpts(t testing.TB, cfg *Config, opts AgentOptions) *runningAgent {
 	t.Helper()
-	logs := &logBuffer{}
-	var out io.Writer = logs
-	if testing.Verbose() {
-		out = io.MultiWriter(logs, os.Stderr)
-	}
-	logger := hclog.New(&hclog.LoggerOptions{Name: "consul-esm", Level: hclog.Debug, Output: out})
+	logger, logs := testLogger(hclog.Debug)
 	a, err := NewAgent(cfg, logger, opts)
 	if err != nil {
 		t.Fatalf("NewAgent: %v", err)
@@ -126,6 +121,16 @@ func (ra *runningAgent) stop(t testing.TB) error {
 }
 
 // logBuffer collects log output for assertions; safe for concurrent writers.
+// testLogger is an agent logger a test reads back through logs; with -v it also writes to stderr.
+func testLogger(level hclog.Level) (hclog.Logger, *logBuffer) {
+	logs := &logBuffer{}
+	var out io.Writer = logs
+	if testing.Verbose() {
+		out = io.MultiWriter(logs, os.Stderr)
+	}
+	return hclog.New(&hclog.LoggerOptions{Name: "consul-esm", Level: level, Output: out}), logs
+}
+
 type logBuffer struct {
 	mu sync.Mutex
 	b  strings.Builder

@@ -4,14 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"log"
 	"maps"
 	"net/http"
 	"net/http/httptest"
 	"net/http/httputil"
 	"net/url"
-	"os"
 	"slices"
 	"strings"
 	"sync"
@@ -86,12 +84,7 @@ type monitorRun struct {
 // newMonitorAgent builds an agent (not running) whose node monitor uses pg when non-nil.
 func newMonitorAgent(t *testing.T, cfg *Config, pg pinger) *monitorRun {
 	t.Helper()
-	logs := &logBuffer{}
-	var out io.Writer = logs
-	if testing.Verbose() {
-		out = io.MultiWriter(logs, os.Stderr)
-	}
-	logger := hclog.New(&hclog.LoggerOptions{Name: "consul-esm", Level: hclog.Trace, Output: out})
+	logger, logs := testLogger(hclog.Trace)
 	a, err := NewAgent(cfg, logger, AgentOptions{})
 	if err != nil {
 		t.Fatalf("NewAgent: %v", err)

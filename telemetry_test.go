@@ -161,8 +161,7 @@ func newTestAgent(t *testing.T, mutate func(*Config)) (*Agent, *logBuffer) {
 	if mutate != nil {
 		mutate(cfg)
 	}
-	logs := &logBuffer{}
-	logger := hclog.New(&hclog.LoggerOptions{Name: "consul-esm", Level: hclog.Debug, Output: logs})
+	logger, logs := testLogger(hclog.Debug)
 	a, err := NewAgent(cfg, logger, AgentOptions{})
 	if err != nil {
 		t.Fatalf("NewAgent: %v", err)
