@@ -191,28 +191,12 @@ func (a *Agent) holdHealthSession(ctx context.Context) {
 		}
 		a.logger.Info("Agent: Obtained lock")
 		b.reset()
-		err = a.holdWithHeartbeat(ctx, sess)
+		// Heartbeat on the key until the heartbeat fails or the session is no longer refreshed.
+		err = sess.run(ctx, func(ctx context.Context) error { return a.heartbeat(ctx, sess.ID()) })
 		if ctx.Err() == nil {
 			a.logger.Warn("Agent: Lost the lock", "error", err)
 		}
 		a.destroySession(ctx, sess)
-	}
-}
-
-// holdWithHeartbeat heartbeats on the health-session key until the heartbeat fails, the session is
-// no longer refreshed or ctx ends, and returns the first failure.
-func (a *Agent) holdWithHeartbeat(ctx context.Context, sess *session) error {
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	beat := make(chan error, 1)
-	go func() { beat <- a.heartbeat(ctx, sess.ID()) }()
-	select {
-	case <-sess.Done():
-		cancel()
-		<-beat
-		return sess.Err()
-	case err := <-beat:
-		return err
 	}
 }
 

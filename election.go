@@ -57,18 +57,7 @@ func campaign(ctx context.Context, a *Agent, sess *session, key string) (*term, 
 func startTerm(ctx context.Context, a *Agent, sess *session, key string) *term {
 	t := &term{agent: a, sess: sess, key: key}
 	t.lifetime = startLifetime(ctx, func(ctx context.Context) error {
-		wctx, cancel := context.WithCancel(ctx)
-		defer cancel()
-		lost := make(chan error, 1)
-		go func() { lost <- monitorLock(wctx, a, sess.ID(), key) }()
-		select {
-		case <-sess.Done():
-			cancel()
-			<-lost
-			return sess.Err()
-		case err := <-lost:
-			return err
-		}
+		return sess.run(ctx, func(ctx context.Context) error { return monitorLock(ctx, a, sess.ID(), key) })
 	})
 	return t
 }
@@ -141,7 +130,7 @@ func monitorLock(ctx context.Context, a *Agent, sess, key string) error {
 		pair, meta, err := a.client.KV().Get(key, q)
 		if err != nil {
 			if ctx.Err() != nil {
-				return 0, err
+				return 0, err // shutting down: not a failure to count against the grace
 			}
 			if failingSince.IsZero() {
 				failingSince = time.Now()

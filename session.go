@@ -39,6 +39,25 @@ func newSession(ctx context.Context, a *Agent, entry *api.SessionEntry) (*sessio
 // ID is the session's Consul ID, for the KV operations made under it.
 func (s *session) ID() string { return s.id }
 
+// run runs fn until it returns, or until the session is no longer refreshed: fn's ctx is then
+// cancelled and, once fn has returned, the session's error is returned instead of fn's. Work that
+// only makes sense while the session lives (following the lock it holds, heartbeating on its key)
+// runs through it.
+func (s *session) run(ctx context.Context, fn func(ctx context.Context) error) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- fn(ctx) }()
+	select {
+	case <-s.Done():
+		cancel()
+		<-done
+		return s.Err()
+	case err := <-done:
+		return err
+	}
+}
+
 // Close stops the renewal and destroys the session, which releases every key it holds. With ctx
 // already ended it only stops the renewal and returns ctx's error: the session is then left to
 // expire on its TTL, as a crashed process's would. Close may be called again to retry the destroy.
