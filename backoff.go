@@ -8,21 +8,6 @@ import (
 // sleepCtx waits for d or until ctx ends; it reports whether the full wait elapsed.
 func sleepCtx(ctx context.Context, d time.Duration) bool { return sleepUnlessWoken(ctx, d, nil) }
 
-// sleepUnlessWoken waits for d, until ctx ends or until a wake-up arrives on wake (nil: never);
-// it reports whether the full wait elapsed.
-func sleepUnlessWoken(ctx context.Context, d time.Duration, wake <-chan struct{}) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return false
-	case <-wake:
-		return false
-	case <-t.C:
-		return true
-	}
-}
-
 // every runs fn every d until ctx ends; the first run is d after the call.
 func every(ctx context.Context, d time.Duration, fn func(ctx context.Context)) {
 	tick := time.NewTicker(d)

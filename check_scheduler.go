@@ -190,20 +190,3 @@ func (s *checkScheduler) worker(ctx context.Context, t *checkTask) {
 
 // wait returns once every worker has exited (after the loop's ctx ended).
 func (s *checkScheduler) wait() { s.wg.Wait() }
-
-// waitWake blocks until wake is signalled, wait has passed (wait < 0: no deadline) or ctx ends, and
-// reports false when ctx ended. timer is the caller's, reused across calls.
-func waitWake(ctx context.Context, timer *time.Timer, wait time.Duration, wake <-chan struct{}) bool {
-	if wait >= 0 {
-		timer.Reset(wait)
-	} else {
-		timer.Stop()
-	}
-	select {
-	case <-ctx.Done():
-		return false
-	case <-wake:
-	case <-timer.C:
-	}
-	return true
-}
