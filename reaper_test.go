@@ -2,6 +2,7 @@ package main
 
 import (
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -38,9 +39,14 @@ func TestReaper(t *testing.T) {
 	if d := time.Since(start); d < time.Second {
 		t.Fatalf("deregistered after %s, before the 1s timeout", d)
 	}
-	if !strings.Contains(r.logs.String(), "agent has been critical for too long, deregistered service") {
-		t.Errorf("missing reaper log line:\n%s", r.logs)
-	}
+	// The reaper logs once Consul has answered the deregistration, which the poll above can see
+	// first.
+	waitFor(t, 5*time.Second, func() error {
+		if !strings.Contains(r.logs.String(), "agent has been critical for too long, deregistered service") {
+			return fmt.Errorf("missing reaper log line:\n%s", r.logs)
+		}
+		return nil
+	})
 	// Node checks never reap.
 	if ch, _ := crGetCheck(c, "cr-reap", "node-level"); ch == nil {
 		t.Fatal("node-level check was removed")
